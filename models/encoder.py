@@ -1,0 +1,109 @@
+"""Encoder = timm backbone + LeJEPA projector, mapping a multi-crop batch to embeddings [V, B, K]."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.registry import build_backbone, is_vit
+
+
+class EncoderOutput(NamedTuple):
+    global_emb: Tensor  # [G, B, K] embeddings of the global views (all views for non-ViT archs)
+    all_emb: Tensor  # [V, B, K] embeddings of every view, globals first
+    features: Tensor  # [V, B, D] pooled backbone features (input of the online probe)
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d whose training statistics are taken over the whole DDP batch, on CPU (gloo) and GPU.
+
+    `nn.SyncBatchNorm` is GPU-only; this one uses two autograd-aware all-reduces of the per-feature
+    moments, so value and gradients equal one process on the concatenated batch (ranks hold equal batch
+    sizes). Without a process group it is plain BatchNorm1d.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        world = dist.get_world_size()
+        moments = torch.stack([x.mean(0), x.square().mean(0)])
+        moments = dist_fn.all_reduce(moments, op=dist.ReduceOp.SUM) / world
+        mean, var = moments[0], (moments[1] - moments[0].square()).clamp_min(0)
+        if self.track_running_stats:
+            with torch.no_grad():
+                n = x.shape[0] * world
+                self.num_batches_tracked.add_(1)
+                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
+                unbiased = var.detach() * n / max(n - 1, 1)
+                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
+        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
+
+
+def build_projector(in_dim: int, hidden_dim: int = 2048, proj_dim: int = 128) -> nn.Sequential:
+    """The LeJEPA recipe: (Linear-BN-GELU) x2 -> Linear to the projection dim."""
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim), GlobalBatchNorm1d(hidden_dim), nn.GELU(),
+        nn.Linear(hidden_dim, hidden_dim), GlobalBatchNorm1d(hidden_dim), nn.GELU(),
+        nn.Linear(hidden_dim, proj_dim),
+    )
+
+
+class Encoder(nn.Module):
+    def __init__(self, arch: str, proj_dim: int = 128, hidden_dim: int = 2048, patch_size: int | None = None,
+                 img_size: int = 224):
+        super().__init__()
+        self.arch = arch
+        self.is_vit = is_vit(arch)
+        self.backbone = build_backbone(arch, patch_size=patch_size, img_size=img_size)
+        self.feature_dim = self.backbone.num_features
+        self.probe_dim = 2 * self.feature_dim if self.is_vit else self.feature_dim
+        self.projector = build_projector(self.feature_dim, hidden_dim, proj_dim)
+
+    def forward(self, global_views: Tensor, local_views: Tensor) -> EncoderOutput:
+        """`global_views` [B, G, 3, H, W], `local_views` [B, L, 3, h, w] (L may be 0).
+
+        Each resolution group goes through the backbone in one call (views folded into the batch), and the
+        projector sees all views at once so its BatchNorm statistics cover the whole multi-crop batch.
+        """
+        B, G = global_views.shape[:2]
+        groups = [global_views] + ([local_views] if local_views.numel() else [])
+        features = torch.cat(
+            [self.backbone(g.flatten(0, 1)).view(B, g.shape[1], -1).transpose(0, 1) for g in groups]
+        )  # [V, B, D]
+        V = features.shape[0]
+        all_emb = self.projector(features.flatten(0, 1)).view(V, B, -1)
+        # Non-ViT archs: every view counts as global (LeJEPA paper), the centre is the mean of all views.
+        global_emb = all_emb[:G] if self.is_vit else all_emb
+        return EncoderOutput(global_emb, all_emb, features)
+
+    def probe_features(self, x: Tensor) -> Tensor:
+        """Frozen features for linear evaluation [B, probe_dim].
+
+        ViT: the CLS tokens of the last two blocks, concatenated, then LayerNorm without affine (the seed's
+        linear-probe recipe); other archs: the pooled backbone features.
+        """
+        if not self.is_vit:
+            return self.backbone(x)
+        layers = self.backbone.get_intermediate_layers(x, n=2, return_prefix_tokens=True, norm=False)
+        cls = torch.cat([prefix[:, 0] for _, prefix in layers], dim=-1)
+        return F.layer_norm(cls, (cls.shape[-1],))
+
+    def patch_features(self, x: Tensor) -> Tensor:
+        """Spatial features [B, h, w, C]: ViT patch tokens of the last block (after the final norm), or the
+        last feature map of a conv net."""
+        feats = self.backbone.forward_features(x)
+        if not self.is_vit:
+            return feats.permute(0, 2, 3, 1)
+        h, w = self.backbone.patch_embed.dynamic_feat_size(x.shape[-2:])
+        tokens = feats[:, self.backbone.num_prefix_tokens:]
+        return tokens.reshape(x.shape[0], h, w, -1)
+
+
+def build_encoder(arch: str, proj_dim: int = 128, hidden_dim: int = 2048, patch_size: int | None = None,
+                  img_size: int = 224) -> Encoder:
+    return Encoder(arch, proj_dim=proj_dim, hidden_dim=hidden_dim, patch_size=patch_size, img_size=img_size)
