@@ -1,0 +1,294 @@
+"""Image sources shared by every backend: scanning, the epoch order, and tolerant decoding.
+
+A `Source` is a list of samples (files of an ImageFolder tree, or members of webdataset tar shards) with
+integer labels. `epoch_batches` is the one function that decides which samples a rank sees in which step,
+so every backend shuffles, shards and resumes identically. `decode_rgb` / `check_encoded` make odd files
+(grey, CMYK, RGBA, 16-bit PNG) into plain RGB and turn broken ones (zero-byte, truncated, not an image)
+into a `BadImage` that the backends count and replace instead of crashing mid-epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import tarfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+LABEL_EXTS = ("cls", "class", "label")  # webdataset members holding an integer label
+
+
+class BadImage(ValueError):
+    """A sample whose bytes cannot be decoded into an RGB image."""
+
+
+@dataclass
+class Source:
+    """Samples of one dataset. `members[i]` is a file path (folder) or (tar path, offset, size) (webdataset)."""
+
+    root: str
+    kind: str  # "folder" | "webdataset"
+    members: list
+    labels: np.ndarray  # int64 [N]; -1 where unlabelled
+    classes: list[str]
+    _handles: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def name(self, i: int) -> str:
+        m = self.members[i]
+        return m if self.kind == "folder" else f"{m[0]}@{m[1]}"
+
+    def read(self, i: int) -> bytes:
+        """Raw encoded bytes of sample `i` (a tar member is read with one seek, the shard kept open)."""
+        m = self.members[i]
+        if self.kind == "folder":
+            with open(m, "rb") as f:
+                return f.read()
+        path, offset, size = m
+        # One handle per (process, thread, shard): DataLoader workers and DALI callbacks must not share.
+        key = (os.getpid(), threading.get_ident(), path)
+        f = self._handles.get(key)
+        if f is None:
+            f = self._handles[key] = open(path, "rb")
+        f.seek(offset)
+        return f.read(size)
+
+    def __getstate__(self):  # open file handles do not travel to worker processes
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+
+def expand_braces(pattern: str) -> list[str]:
+    """webdataset shard patterns: `a-{000..009}.tar` (zero-padded range) and `{x,y}` alternatives."""
+    m = re.search(r"\{([^{}]*)\}", pattern)
+    if m is None:
+        return [pattern]
+    body, head, tail = m.group(1), pattern[: m.start()], pattern[m.end():]
+    rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if rng:
+        lo, hi = rng.groups()
+        width = len(lo) if lo.startswith("0") else 0
+        items = [str(k).zfill(width) for k in range(int(lo), int(hi) + 1)]
+    else:
+        items = body.split(",")
+    return [p for item in items for p in expand_braces(head + item + tail)]
+
+
+def open_source(source: str | os.PathLike) -> Source:
+    """Scan `source`: an ImageFolder directory (class = sub-folder, sorted), a webdataset `.tar`, a
+    directory of `.tar` shards, or a brace pattern of shards. Raises ValueError naming the path when it
+    is missing, empty, or holds no images."""
+    text = str(source)
+    if "{" in text:
+        shards = expand_braces(text)
+        missing = [s for s in shards if not Path(s).is_file()]
+        if missing:
+            raise ValueError(f"data source {text!r}: shard(s) not found: {missing[:3]}")
+        return _scan_tars(text, shards)
+    path = Path(text)
+    if not path.exists():
+        raise ValueError(f"data source {text!r} does not exist")
+    if path.is_file():
+        if path.suffix != ".tar":
+            raise ValueError(f"data source {text!r} is a file but not a .tar shard (or an ImageFolder dir)")
+        return _scan_tars(text, [str(path)])
+    tars = sorted(str(p) for p in path.glob("*.tar"))
+    if tars:
+        return _scan_tars(text, tars)
+    return _scan_folder(path)
+
+
+def _scan_folder(root: Path) -> Source:
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise ValueError(f"data source {str(root)!r}: no class sub-folders (expected ROOT/<class>/<image>)")
+    members, labels = [], []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                if fn.lower().endswith(IMAGE_EXTS) and not fn.startswith("."):
+                    members.append(os.path.join(dirpath, fn))
+                    labels.append(label)
+    if not members:
+        raise ValueError(f"data source {str(root)!r}: no image files ({', '.join(IMAGE_EXTS)}) under {classes}")
+    return Source(str(root), "folder", members, np.asarray(labels, np.int64), classes)
+
+
+def _scan_tars(name: str, shards: list[str]) -> Source:
+    members, labels = [], []
+    for shard in shards:
+        samples: dict[str, dict] = {}
+        try:
+            with tarfile.open(shard) as tf:
+                for m in tf:
+                    if not m.isfile():
+                        continue
+                    base = m.name.rsplit("/", 1)[-1]
+                    if "." not in base:
+                        continue
+                    # webdataset key: the path up to the first dot of the basename
+                    key = m.name[: len(m.name) - len(base)] + base.split(".", 1)[0]
+                    ext = base.split(".", 1)[1].lower()
+                    entry = samples.setdefault(key, {})
+                    if "." + ext in IMAGE_EXTS and "image" not in entry:
+                        entry["image"] = (shard, m.offset_data, m.size)
+                    elif ext in LABEL_EXTS:
+                        tf.fileobj.seek(m.offset_data)
+                        entry["label"] = tf.fileobj.read(m.size)
+        except tarfile.TarError as e:
+            raise ValueError(f"data source {name!r}: {shard} is not a readable tar ({e})") from e
+        for key, entry in samples.items():
+            if "image" in entry:
+                members.append(entry["image"])
+                try:
+                    labels.append(int(entry.get("label", b"-1").strip() or -1))
+                except ValueError:
+                    labels.append(-1)
+    if not members:
+        raise ValueError(f"data source {name!r}: no image members ({', '.join(IMAGE_EXTS)}) in {len(shards)} shard(s)")
+    labels_np = np.asarray(labels, np.int64)
+    n_classes = int(labels_np.max()) + 1 if labels_np.max() >= 0 else 0
+    return Source(name, "webdataset", members, labels_np, [str(k) for k in range(n_classes)])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The epoch order: one pure function, used by every backend.
+
+
+def steps_per_epoch(n: int, batch_size: int, world_size: int, drop_last: bool = True) -> int:
+    per_step = batch_size * world_size
+    return n // per_step if drop_last else -(-n // per_step)
+
+
+def epoch_batches(
+    n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
+    start_step: int = 0, shuffle: bool = True, drop_last: bool = True,
+) -> list[np.ndarray]:
+    """Sample indices of each step this rank runs in `epoch`, from `start_step` on.
+
+    The permutation depends only on (seed, epoch). Step s of the epoch uses the global slice
+    perm[s*B*W : (s+1)*B*W], split into W contiguous per-rank batches, so ranks are disjoint, every rank
+    runs the same number of full batches (drop_last), and resuming at `start_step` is the tail of the
+    same list. Without drop_last the last, short global step is split round-robin (eval only).
+    """
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad sharding: batch_size={batch_size}, rank={rank}, world_size={world_size}")
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    per_step = batch_size * world_size
+    full = n // per_step
+    batches = [order[s * per_step + rank * batch_size: s * per_step + (rank + 1) * batch_size] for s in range(full)]
+    if not drop_last and full * per_step < n:
+        tail = order[full * per_step:][rank::world_size]
+        if len(tail):
+            batches.append(tail)
+    if steps_per_epoch(n, batch_size, world_size, drop_last) == 0:
+        raise ValueError(f"{n} samples < one global batch ({batch_size} x {world_size} ranks) with drop_last")
+    return batches[start_step:]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Per-sample seed: the random choices of sample `index` in `epoch` depend on nothing else (not on
+    workers, batch position or resume point)."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tolerant decoding.
+
+
+class BadFileLog:
+    """Counts replaced samples and logs each bad path once (per process that owns the log)."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def add(self, name: str, why: str) -> None:
+        if name not in self.counts:
+            log.warning("skipping unreadable image %s (%s); replaced by another sample", name, why)
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+def _to_rgb(img) -> "PIL.Image.Image":  # noqa: F821
+    """Grey, palette, CMYK, RGBA, 16-bit -> 8-bit RGB (alpha dropped; 16-bit scaled, not clipped)."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if a.max(initial=0) > 255 or img.mode != "I" else 1.0
+        img = Image.fromarray(np.clip(a / scale + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA").convert("RGB")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode to HWC uint8 RGB (PIL/libjpeg-turbo), converting odd modes; BadImage if impossible."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise BadImage(f"{name}: zero-byte file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # truncated files raise here (LOAD_TRUNCATED_IMAGES stays False)
+            return np.array(_to_rgb(img))  # writable copy (torch.from_numpy needs one)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadImage(f"{name}: {type(e).__name__}: {e}") from e
+
+
+_JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"
+_PNG_SIG = b"\x89PNG\r\n\x1a\n"
+
+
+def check_encoded(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
+    """For backends that decode themselves (DALI): return (bytes a plain RGB decoder accepts, height,
+    width). Baseline/progressive 8-bit RGB or grey JPEG and 8-bit RGB/grey PNG pass through untouched
+    (header parse only, ~30 us); anything else (CMYK, RGBA, 16-bit, other formats) is decoded by PIL,
+    converted to RGB and re-encoded losslessly as PNG; broken files raise BadImage. A JPEG/PNG missing
+    its end marker is treated as truncated and fully decoded to find out."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise BadImage(f"{name}: zero-byte file")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            fmt, mode, (w, h) = img.format, img.mode, img.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise BadImage(f"{name}: {type(e).__name__}: {e}") from e
+    if fmt == "JPEG":
+        complete = data.rstrip(b"\x00").endswith(_JPEG_EOI)
+        plain = mode in ("RGB", "L")
+    elif fmt == "PNG":
+        complete = b"IEND" in data[-32:]
+        plain = mode in ("RGB", "L") and _png_bit_depth(data) == 8
+    else:
+        complete, plain = False, False
+    if complete and plain:
+        return data, h, w
+    rgb = decode_rgb(data, name)  # raises BadImage when truly broken
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue(), rgb.shape[0], rgb.shape[1]
+
+
+def _png_bit_depth(data: bytes) -> int:
+    return data[24] if len(data) > 25 and data.startswith(_PNG_SIG) else 0
