@@ -1,0 +1,219 @@
+"""`TrainConfig`: every knob of a run, its CLI flags (shared by all launchers) and validation.
+
+Precedence: explicit flag > preset value > dataclass default. The resolved config (preset applied, spec
+filled in) is what `trainer.run` receives, what `OUT/config.yaml` records and what checkpoints store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.registry import ARCHS, is_vit
+from pipelines import BACKENDS
+from pipelines.spec import SPEC_PRESETS, MultiCropSpec
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+
+# Presets fill every field the user did not set on the command line.
+PRESETS: dict[str, dict] = {
+    # The seed recipe (LeJEPA ViT-L/14, 2x224 + 6x98 views): AdamW 5e-4, wd 5e-2, λ 0.05, 1024 slices,
+    # 100 epochs; 64 images per GPU (x 8 GPUs = 512 per step) fits an 80 GB card in bf16.
+    "seed": dict(arch="vit_l", patch_size=None, batch_size=64, lr=5e-4, epochs=100, warmup=None, lambd=0.05,
+                 num_slices=1024, proj_dim=128, hidden_dim=2048, log_every=50, image_every=2000,
+                 ckpt_every=2500),
+    # Tiny views (2x64 + 6x32 px) and ViT-tiny/8 so a 2-core CPU learns something in minutes. A short run
+    # wants a larger λ (SIGReg is still far from Gaussian after a few hundred steps) and a higher LR.
+    "cpu-small": dict(arch="vit_t", patch_size=8, batch_size=64, lr=2e-3, steps=300, warmup=None, lambd=0.1,
+                      num_slices=256, proj_dim=64, hidden_dim=512, log_every=10, image_every=100,
+                      ckpt_every=100),
+}
+
+# A resumed run must agree with its checkpoint on these (anything else, e.g. --steps, may change).
+RESUME_MUST_MATCH = ("arch", "patch_size", "proj_dim", "hidden_dim", "spec", "batch_size", "accum_steps",
+                     "lr", "weight_decay", "lambd", "num_slices", "seed")
+
+
+@dataclass
+class TrainConfig:
+    arch: str = "vit_t"
+    data: str | None = None  # ImageFolder dir, webdataset tar(s) or .beton; None -> embedded Fashion-MNIST
+    backend: str = "auto"
+    out: str = "runs/default"
+    preset: str = "cpu-small"
+    steps: int | None = None  # total optimizer steps; exclusive with epochs
+    epochs: int | None = None
+    batch_size: int = 64  # per rank, per micro-batch
+    accum_steps: int = 1
+    lr: float = 5e-4  # peak AdamW LR after warmup; cosine to lr/1000
+    weight_decay: float | None = None  # None: 5e-2 for ViT/ConvNeXt (AdamW-style nets), 5e-4 for ResNet
+    warmup: int | None = None  # warmup steps; None: 10 % of the run
+    grad_clip: float = 1.0  # max global grad norm of the encoder; 0 = no clipping
+    lambd: float = 0.05
+    num_slices: int = 1024
+    proj_dim: int = 128
+    hidden_dim: int = 2048
+    patch_size: int | None = None  # ViT only; None = the registry's patch
+    compile: bool = False
+    device: str = "auto"  # auto | cpu | cuda
+    num_workers: int | None = None
+    seed: int = 0
+    ckpt_every: int = 100
+    keep_ckpts: int = 3
+    resume: bool = True  # reuse the latest checkpoint in `out`; False refuses a dir that has checkpoints
+    log_every: int = 10
+    image_every: int = 100  # view grid to TensorBoard; 0 = never
+    max_bad_steps: int = 10  # consecutive non-finite steps before the run stops as "diverged"
+    signal_sync_every: int = 5  # DDP: steps between all-reduces that agree on a preemption signal
+    spec: MultiCropSpec = field(default_factory=MultiCropSpec)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)  # the spec becomes a plain dict too
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown fields {sorted(unknown)}")
+        if isinstance(d.get("spec"), dict):
+            d["spec"] = MultiCropSpec.from_dict(d["spec"])
+        return cls(**d)
+
+    @property
+    def effective_weight_decay(self) -> float:
+        if self.weight_decay is not None:
+            return self.weight_decay
+        return 5e-4 if self.arch.startswith("resnet") else 5e-2
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every TrainConfig flag. Defaults are None so `config_from_args` can tell 'not given' from a value."""
+    g = parser.add_argument_group("training (trainer.TrainConfig)")
+    g.add_argument("--arch", help=f"backbone: {', '.join(ARCHS)}")
+    g.add_argument("--data", help="ImageFolder dir, webdataset tar(s) or .beton (default: embedded Fashion-MNIST)")
+    g.add_argument("--backend", help=f"input pipeline: {', '.join(BACKENDS)} (default auto)")
+    g.add_argument("--out", help="run dir: checkpoints, tb/, config.yaml (default runs/default)")
+    g.add_argument("--preset", help=f"recipe defaults: {', '.join(PRESETS)} (default cpu-small)")
+    length = g.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="total optimizer steps")
+    length.add_argument("--epochs", type=int, help="total epochs (alternative to --steps)")
+    g.add_argument("--batch-size", type=int, help="images per rank per micro-batch")
+    g.add_argument("--accum-steps", type=int, help="micro-batches per optimizer step (default 1)")
+    g.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine to lr/1000)")
+    g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 5e-2 ViT/ConvNeXt, 5e-4 ResNet)")
+    g.add_argument("--warmup", type=int, help="warmup steps (default 10%% of the run)")
+    g.add_argument("--grad-clip", type=float, help="max grad norm (0 = off; default 1.0)")
+    g.add_argument("--lambd", type=float, help="SIGReg weight λ in [0, 1]")
+    g.add_argument("--num-slices", type=int, help="SIGReg random directions per step")
+    g.add_argument("--proj-dim", type=int, help="projector output dim")
+    g.add_argument("--hidden-dim", type=int, help="projector hidden dim")
+    g.add_argument("--patch-size", type=int, help="ViT patch size (default: preset / registry)")
+    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--device", help="auto | cpu | cuda (default auto)")
+    g.add_argument("--num-workers", type=int, help="loader workers per rank")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--ckpt-every", type=int, help="checkpoint every N steps")
+    g.add_argument("--keep-ckpts", type=int, help="keep the last K checkpoints (default 3)")
+    g.add_argument("--no-resume", dest="resume", action="store_false", default=None,
+                   help="never reuse checkpoints in --out (refuses a dir that already has some)")
+    g.add_argument("--log-every", type=int, help="TensorBoard scalars every N steps")
+    g.add_argument("--image-every", type=int, help="TensorBoard view grid every N steps (0 = never)")
+    g.add_argument("--max-bad-steps", type=int, help="stop after K consecutive NaN/Inf steps (default 10)")
+    s = parser.add_argument_group("multi-crop overrides (on top of the preset's MultiCropSpec)")
+    s.add_argument("--global-views", type=int)
+    s.add_argument("--local-views", type=int)
+    s.add_argument("--global-size", type=int)
+    s.add_argument("--local-size", type=int)
+    return parser
+
+
+SPEC_FLAGS = ("global_views", "local_views", "global_size", "local_size")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Resolve flags + preset into a TrainConfig (unknown preset -> ValueError listing the valid ones)."""
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    preset = given.get("preset", TrainConfig.preset)
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    values = dict(PRESETS[preset])
+    if "epochs" in given:
+        values.pop("steps", None)
+    if "steps" in given:
+        values.pop("epochs", None)
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values.update({k: v for k, v in given.items() if k in fields})
+    # The preset's patch size is a ViT setting: it does not apply when the user picks a ResNet/ConvNeXt.
+    if "patch_size" not in given and not is_vit(values.get("arch", TrainConfig.arch)):
+        values["patch_size"] = None
+    spec_changes = {k: given[k] for k in SPEC_FLAGS if k in given}
+    values["spec"] = SPEC_PRESETS[preset].replace(**spec_changes)
+    values["preset"] = preset
+    return TrainConfig(**values)
+
+
+def _has_image(root: Path) -> bool:
+    for _, _, files in os.walk(root):
+        if any(f.lower().endswith(IMAGE_EXTS) for f in files):
+            return True
+    return False
+
+
+def validate_config(cfg: TrainConfig) -> None:
+    """Raise a ValueError naming the bad field before any process or loader starts."""
+    if cfg.arch not in ARCHS:
+        raise ValueError(f"unknown arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
+    if cfg.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {cfg.backend!r}; valid: {', '.join(BACKENDS)}")
+    if cfg.preset not in PRESETS:
+        raise ValueError(f"unknown preset {cfg.preset!r}; valid: {', '.join(PRESETS)}")
+    if cfg.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device {cfg.device!r}: valid: auto, cpu, cuda")
+    if (cfg.steps is None) == (cfg.epochs is None):
+        raise ValueError(f"give exactly one of --steps / --epochs (got steps={cfg.steps}, epochs={cfg.epochs})")
+    for name in ("steps", "epochs", "batch_size", "accum_steps", "num_slices", "proj_dim", "hidden_dim",
+                 "log_every", "ckpt_every", "max_bad_steps", "signal_sync_every"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
+    for name in ("keep_ckpts", "image_every", "grad_clip"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.warmup is not None and cfg.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if not cfg.lr > 0:
+        raise ValueError(f"--lr must be > 0, got {cfg.lr}")
+    if not 0.0 <= cfg.lambd <= 1.0:
+        raise ValueError(f"--lambd must be in [0, 1], got {cfg.lambd}")
+    if cfg.patch_size is not None and not is_vit(cfg.arch):
+        raise ValueError(f"--patch-size only applies to ViT archs, not {cfg.arch!r}")
+    if cfg.data is not None:
+        validate_data(cfg.data)
+
+
+def validate_data(data: str) -> None:
+    text = str(data)
+    if "{" in text:  # webdataset brace pattern: let the source scanner expand and check the shards
+        from pipelines.sources import open_source
+
+        open_source(text)
+        return
+    path = Path(text)
+    if not path.exists():
+        raise ValueError(f"--data {text!r} does not exist")
+    if path.is_dir():
+        if not _has_image(path):
+            raise ValueError(f"--data {text!r} holds no image files ({', '.join(IMAGE_EXTS)})")
+    elif not (path.suffix in (".beton", ".tar")):
+        raise ValueError(f"--data {text!r} is a file but neither a .beton nor a .tar shard")
+    elif path.stat().st_size == 0:
+        raise ValueError(f"--data {text!r} is an empty file")
