@@ -15,7 +15,9 @@ class LeJEPALoss(NamedTuple):
     sigreg: Tensor  # SIGReg averaged over views
 
 
-def lejepa_loss(global_emb: Tensor, all_emb: Tensor, sigreg: SIGReg, step: Tensor | int, lambd: float = 0.05) -> LeJEPALoss:
+def lejepa_loss(
+    global_emb: Tensor, all_emb: Tensor, lambd: float = 0.05, *, sigreg: SIGReg, step: Tensor | int
+) -> LeJEPALoss:
     """`global_emb` [G, B, K] (the global views), `all_emb` [V, B, K] (all views, globals included).
 
     No stop-gradient: the centre is a function of the same encoder, as in the paper. Under DDP the

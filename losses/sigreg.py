@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 
@@ -33,23 +33,27 @@ def _trapezoid_gauss_weights(t: Tensor) -> Tensor:
 class _ECF(torch.autograd.Function):
     """(mean_n cos(t x_n), mean_n sin(t x_n)) → [2, ..., M, T] for x [..., N, M].
 
-    A hand-written backward saves only x (not the [N, M, T] phase tensor autograd would keep) and fuses
-    the derivative of both parts into one pass: d/dx_n = t·(g_S cos(t x_n) − g_C sin(t x_n)) / N.
+    Why not plain autograd: it keeps the [N, M, T] phase tensor and recomputes sin and cos of it in
+    backward, then reduces over T in several passes. Here forward writes cos and sin once, laid out
+    [..., M, N, T], and backward is two batched matrix-vector products over those buffers:
+    d/dx_n = Σ_t t·(g_S cos(t x_n) − g_C sin(t x_n)) / N. About 2× the saved memory of the phase
+    tensor, no transcendental in backward.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, t: Tensor) -> Tensor:
-        ctx.save_for_backward(x, t)
-        phase = x.unsqueeze(-1) * t  # [..., N, M, T]
-        return torch.stack([phase.cos().mean(-3), phase.sin().mean(-3)])
+        phase = x.transpose(-1, -2).contiguous().unsqueeze(-1) * t  # [..., M, N, T]
+        cos, sin = phase.cos(), phase.sin()
+        ctx.save_for_backward(cos, sin, t)
+        return torch.stack([cos.mean(-2), sin.mean(-2)])  # [2, ..., M, T]
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        x, t = ctx.saved_tensors
-        phase = x.unsqueeze(-1) * t
-        g_cos, g_sin = grad[0].unsqueeze(-3), grad[1].unsqueeze(-3)  # [..., 1, M, T]
-        dx = ((g_sin * phase.cos() - g_cos * phase.sin()) * t).sum(-1) / x.shape[-2]
-        return dx, None
+        cos, sin, t = ctx.saved_tensors
+        scale = t / cos.shape[-2]
+        # Two batched matrix-vector products over the saved buffers: [..., M, N, T] @ [..., M, T, 1].
+        dx = cos @ (grad[1] * scale).unsqueeze(-1) - sin @ (grad[0] * scale).unsqueeze(-1)
+        return dx.squeeze(-1).transpose(-1, -2), None
 
 
 def _world_size() -> int:
@@ -74,7 +78,9 @@ def epps_pulley(x: Tensor, t_max: float = 3.0, num_knots: int = 17) -> Tensor:
     ecf = _ECF.apply(x, t)  # [2, ..., M, T]
     world = _world_size()
     if world > 1:
-        ecf = dist_fn.all_reduce(ecf, op=dist.ReduceOp.SUM) / world
+        # Functional collective: carries autograd (backward = all-reduce of the gradient) and traces
+        # under torch.compile without a graph break. Sum then divide: gloo has no AVG.
+        ecf = funcol.all_reduce(ecf, "sum", dist.group.WORLD) / world
     err = (ecf[0] - torch.exp(-0.5 * t.square())).square() + ecf[1].square()
     return (err @ _trapezoid_gauss_weights(t)) * (x.shape[-2] * world)
 
@@ -106,10 +112,12 @@ def random_directions(step: Tensor | int, dim: int, num: int, seed: int = 0, dev
     """
     step = torch.as_tensor(step, device=device, dtype=torch.int64)
     key = _hash32(_hash32(step + seed * 0x9E3779B9) ^ 0x5BD1E995)
-    counter = torch.arange(2 * dim * num, device=step.device, dtype=torch.int64)
-    u = (_hash32(_hash32(counter) ^ key).to(torch.float32) + 0.5) * 2.0**-32  # uniform in (0, 1)
-    u1, u2 = u.view(2, dim, num)
-    gauss = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * torch.pi * u2)  # Box–Muller
+    pairs = (dim * num + 1) // 2
+    counter = torch.arange(2 * pairs, device=step.device, dtype=torch.int64)
+    u = (_hash32(counter ^ key).to(torch.float32) + 0.5) * 2.0**-32  # uniform in (0, 1)
+    u1, u2 = u.view(2, pairs)
+    radius, angle = torch.sqrt(-2.0 * torch.log(u1)), 2.0 * torch.pi * u2  # Box–Muller: two normals per pair
+    gauss = torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[: dim * num].view(dim, num)
     return gauss / gauss.norm(dim=0, keepdim=True)
 
 
