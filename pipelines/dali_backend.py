@@ -1,0 +1,264 @@
+"""NVIDIA DALI backend: one pipeline definition for both devices.
+
+- CUDA device: `fn.decoders.image(device="mixed")` (nvJPEG) decodes each image once; every crop, colour op,
+  blur, solarize, normalise and the stacking of views runs on the GPU; the batch is copied GPU->GPU into
+  torch tensors on the training stream (no host copy).
+- CPU device: the same graph; DALI picks each operator's CPU implementation from where its input lives.
+  No GPU-only operator is used (grey = `hsv` with saturation 0, solarize = `lookup_table`).
+
+Data and random choices come in through one `fn.external_source` fed from Python: the encoded bytes of the
+samples that `sources.epoch_batches` assigns to this rank and step, and every per-view random parameter,
+drawn with numpy from (seed, epoch, sample index). So shuffling, sharding, drop_last, `set_epoch` and a
+mid-epoch resume are exact and identical to the torchvision reference's order, and a sample's views do not
+depend on the batch or step it lands in. The crop window follows torchvision's RandomResizedCrop sampling
+exactly (needs the image size: parsed from the header, ~30 us).
+
+Cost choices (CPU ms per image measured on 2 cores, see ../shared/DESIGN.md "Leads worth measuring"):
+- decode once, cut 8 views from it;
+- colour ops only on views that are jittered or greyed (DALI conditionals split the batch), and on the
+  uint8 source crop *before* the resize whenever the crop is smaller than the view (local crops nearly
+  always are), after the resize otherwise;
+- Gaussian blur window 2*ceil(3 sigma)+1 (capped at torchvision's kernel size for the view): identical
+  result where the spec's kernel is the smaller, < 0.3 % of the weight dropped otherwise;
+- solarize as a conditional lookup table, only on the views that draw it;
+- views stacked inside the graph ([B, V, 3, H, W] leaves DALI in one piece).
+
+Where DALI's colour maths differs from torchvision's (bounded in tests/test_pipelines.py):
+- contrast pivots on the fixed mid-grey 128 (`brightness_contrast.contrast_center`) instead of the
+  image's mean grey; brightness and contrast are applied in one op without the intermediate clamp;
+- hue and saturation are one linear transform in a YIQ-like space (`fn.hsv`), not HSV, and always
+  after brightness/contrast (torchvision applies the four jitters in a random order);
+- greyscale (`hsv` saturation 0) keeps the luma Y = .299R + .587G + .114B, as torchvision does.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+
+from pipelines.batch import Batch
+from pipelines.sources import BadFileLog, BadImage, Source, check_encoded, epoch_batches, open_source, sample_seed
+from pipelines.sources import steps_per_epoch
+from pipelines.spec import MultiCropSpec
+
+MAX_REPLACEMENTS = 16
+# Per-view parameters fed to the graph, in this order (name, numpy dtype).
+VIEW_PARAMS = (
+    ("start", np.int32),  # crop top-left (y, x) in source pixels
+    ("shape", np.int32),  # crop (h, w)
+    ("color_first", np.bool_),  # jitter/grey needed and the crop is smaller than the view: colour, then resize
+    ("color_after", np.bool_),  # jitter/grey needed and the crop is larger: resize, then colour
+    ("jitter", np.bool_),
+    ("brightness", np.float32),
+    ("contrast", np.float32),
+    ("hue", np.float32),  # degrees
+    ("saturation", np.float32),  # 0 when the view is greyed
+    ("blur", np.bool_),
+    ("sigma", np.float32),
+    ("window", np.int32),
+    ("solarize", np.bool_),
+    ("flip", np.int32),
+)
+
+
+def crop_params(rng: np.random.Generator, height: int, width: int, scale, ratio) -> tuple[int, int, int, int]:
+    """torchvision RandomResizedCrop.get_params, same algorithm (10 tries, then a centre crop)."""
+    area = height * width
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(log_ratio[0], log_ratio[1]))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1)), h, w
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def draw_view(rng: np.random.Generator, spec: MultiCropSpec, height: int, width: int, size: int, scale) -> dict:
+    """All random choices of one view (torchvision's probabilities and ranges)."""
+    y, x, h, w = crop_params(rng, height, width, scale, spec.ratio)
+    p = {"start": (y, x), "shape": (h, w), "flip": int(rng.random() < spec.flip_p)}
+    jitter = rng.random() < spec.jitter_p
+    b, c, s, hue = 1.0, 1.0, 1.0, 0.0
+    if jitter:
+        b = rng.uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness)
+        c = rng.uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast)
+        s = rng.uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation)
+        hue = rng.uniform(-spec.hue, spec.hue) * 360.0
+    grey = rng.random() < spec.grayscale_p
+    blur = rng.random() < spec.blur_p
+    sigma = rng.uniform(*spec.blur_sigma) if blur else spec.blur_sigma[0]
+    colour = jitter or grey
+    small = h * w < size * size
+    p.update(
+        jitter=jitter, brightness=b, contrast=c, hue=hue, saturation=0.0 if grey else s,
+        color_first=colour and small, color_after=colour and not small, blur=blur, sigma=sigma,
+        window=min(spec.blur_kernel(size), 2 * math.ceil(3 * sigma) + 1),
+        solarize=rng.random() < spec.solarize_p and spec.solarize_threshold <= 255,
+    )
+    return p
+
+
+def view_plan(spec: MultiCropSpec) -> list[tuple[int, tuple[float, float]]]:
+    return [(spec.global_size, spec.global_scale)] * spec.global_views + \
+        [(spec.local_size, spec.local_scale)] * spec.local_views
+
+
+def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads: int, device_id: int | None,
+                    gpu: bool, seed: int):
+    """The one graph for both devices. `gpu` only changes where decoding happens (and so every op after)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    views = view_plan(spec)
+    n_out = 2 + len(views) * len(VIEW_PARAMS)
+    solarize_lut = [255 - v if v >= spec.solarize_threshold else v for v in range(256)]
+
+    def colour(img, p):
+        if p["jitter"]:
+            img = fn.brightness_contrast(img, brightness=p["brightness"], contrast=p["contrast"],
+                                         contrast_center=128.0)
+        return fn.hsv(img, hue=p["hue"], saturation=p["saturation"])
+
+    @pipeline_def(enable_conditionals=True, batch_size=batch_size, num_threads=num_threads,
+                  device_id=device_id, seed=seed, prefetch_queue_depth=2, exec_dynamic=True)
+    def multicrop():
+        inputs = fn.external_source(source=source_cb, num_outputs=n_out, batch=True, batch_info=True)
+        encoded, label = inputs[0], inputs[1]
+        image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
+                                  adjust_orientation=False)
+        outs = []
+        for v, (size, _scale) in enumerate(views):
+            p = dict(zip((n for n, _ in VIEW_PARAMS), inputs[2 + v * len(VIEW_PARAMS): 2 + (v + 1) * len(VIEW_PARAMS)]))
+            x = fn.slice(image, start=p["start"], shape=p["shape"], axis_names="HW")
+            if p["color_first"]:
+                x = colour(x, p)
+            x = fn.resize(x, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
+            if p["color_after"]:
+                x = colour(x, p)
+            if p["blur"]:
+                x = fn.gaussian_blur(x, sigma=p["sigma"], window_size=p["window"])
+            if p["solarize"]:
+                x = fn.lookup_table(x, keys=list(range(256)), values=solarize_lut, dtype=types.UINT8)
+            outs.append(fn.crop_mirror_normalize(
+                x, mirror=p["flip"], dtype=types.FLOAT, output_layout="CHW",
+                mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std]))
+        g = fn.stack(*outs[: spec.global_views])
+        loc = fn.stack(*outs[spec.global_views:]) if spec.local_views else g
+        if gpu:
+            label = label.gpu()
+        return g, loc, label
+
+    return multicrop()
+
+
+class DaliLoader:
+    """Loader protocol (see pipelines/__init__.py) over one DALI pipeline, built once and reset per epoch."""
+
+    def __init__(self, source, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
+                 drop_last: bool = True):
+        self.source = source if isinstance(source, Source) else open_source(source)
+        self.spec, self.batch_size, self.device = spec, batch_size, torch.device(device)
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.num_threads = max(1, num_workers if num_workers else min(os.cpu_count() or 1, 8))
+        self.gpu = self.device.type == "cuda"
+        self.bad_files = BadFileLog()
+        self.epoch, self.start_step = epoch, 0
+        epoch_batches(len(self.source), batch_size, rank, world_size, seed, epoch, drop_last=drop_last)
+        self._pipe = None
+        self._plan: list[np.ndarray] = []
+        self._exhausted = True  # False while a pass is in flight: its prefetched batches would be stale
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    def __len__(self) -> int:
+        return steps_per_epoch(len(self.source), self.batch_size, self.world_size, self.drop_last)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    # -- feeding -------------------------------------------------------------------------------------
+    def _load(self, index: int) -> tuple[bytes, int, int, int]:
+        """(plain encoded bytes, height, width, sample index actually used): bad files are replaced."""
+        for k in range(MAX_REPLACEMENTS):
+            i = (index + k) % len(self.source)
+            try:
+                data, h, w = check_encoded(self.source.read(i), self.source.name(i))
+                return data, h, w, i
+            except (BadImage, OSError) as e:
+                self.bad_files.add(self.source.name(i), str(e))
+        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images in {self.source.root!r} from {index}")
+
+    def _feed(self, info):
+        """external_source callback: the batch for iteration `info.iteration` of the current plan."""
+        if info.iteration >= len(self._plan):
+            raise StopIteration
+        epoch, views = self.epoch_in_flight, view_plan(self.spec)
+        encoded, labels, params = [], [], []
+        for index in self._plan[info.iteration]:
+            data, h, w, used = self._load(int(index))
+            encoded.append(np.frombuffer(data, np.uint8))
+            labels.append(self.source.labels[used])
+            rng = np.random.default_rng(sample_seed(self.seed, epoch, int(index)))
+            params.append([draw_view(rng, self.spec, h, w, size, scale) for size, scale in views])
+        out = [encoded, np.asarray(labels, np.int64)]
+        for v in range(len(views)):
+            for name, dtype in VIEW_PARAMS:
+                out.append(np.asarray([p[v][name] for p in params], dtype))
+        return tuple(out)
+
+    # -- iteration -----------------------------------------------------------------------------------
+    def _build(self):
+        gpu_id = (self.device.index or 0) if self.gpu else None
+        pipe = define_pipeline(self.spec, self._feed, self.batch_size, self.num_threads, gpu_id, self.gpu, self.seed)
+        pipe.build()
+        return pipe
+
+    def __iter__(self):
+        self._plan = epoch_batches(len(self.source), self.batch_size, self.rank, self.world_size, self.seed,
+                                   self.epoch, self.start_step, drop_last=self.drop_last)
+        self.epoch_in_flight, self.start_step = self.epoch, 0
+        if self._pipe is None or not self._exhausted:
+            self._pipe = None  # a pass left mid-way holds stale prefetched batches: rebuild (~1.5 s)
+            self._pipe = self._build()
+        self._exhausted = False
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        stream = torch.cuda.current_stream(self.device) if self.gpu else None
+        while True:
+            try:
+                outs = self._pipe.run()
+            except StopIteration:
+                self._pipe.reset()
+                self._exhausted = True
+                return
+            tensors = []
+            for out in outs:
+                t = out.as_tensor()
+                dst = torch.empty(t.shape(), dtype=torch.float32 if len(t.shape()) > 1 else torch.int64,
+                                  device=self.device)
+                feed_ndarray(t, dst, cuda_stream=stream)  # one copy into torch-owned memory (device->device)
+                tensors.append(dst)
+            g, loc, labels = tensors
+            if not self.spec.local_views:
+                s = self.spec.local_size
+                loc = torch.empty(g.shape[0], 0, 3, s, s, device=self.device)
+            yield Batch(g, loc, labels)
+
+
+def build(source, spec: MultiCropSpec, *, batch_size: int, device, rank: int = 0, world_size: int = 1,
+          seed: int = 0, epoch: int = 0, num_workers: int | None = None, drop_last: bool = True):
+    return DaliLoader(source, spec, batch_size, device, rank, world_size, seed, epoch, num_workers, drop_last)
