@@ -1,0 +1,214 @@
+"""Frozen feature extractors (a LeJEPA checkpoint, the same arch at random init, or a timm model) and the
+on-disk feature cache that k-shot probing and kNN share.
+
+Features are extracted once per (model weights, dataset split, input size) and cached as
+`CACHE/<dataset>-<split>-<key>.pt`; the key hashes the model's weights themselves, so a retrained
+checkpoint at the same path never reuses stale features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from models import build_encoder, check_arch, encoder_from_checkpoint, load_checkpoint
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what the LeJEPA presets normalise with (MultiCropSpec default)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_PCT = 0.875  # resize the short side to size / 0.875, then centre-crop `size` (the usual 256 -> 224)
+CACHE_FORMAT = "lejepa-features/1"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass
+class FeatureModel:
+    """A frozen network with `probe_features(x) -> [B, D]` and `patch_features(x) -> [B, h, w, C]`."""
+
+    name: str  # row label in tables ("vit_t LeJEPA step 300", "vit_t random init", "timm:resnet50")
+    module: nn.Module
+    image_size: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    crop_pct: float = CROP_PCT
+    info: dict = field(default_factory=dict)  # recorded in outputs (source, arch, step, ...)
+    _identity: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """Hash of the weights and input recipe (computed once): the model half of the cache key."""
+        if self._identity is None:
+            h = hashlib.sha1()
+            h.update(json.dumps([type(self.module).__name__, self.image_size, self.mean, self.std,
+                                 self.crop_pct]).encode())
+            for name, t in sorted(self.module.state_dict().items()):
+                t = t.detach().cpu().contiguous()
+                h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._identity = h.hexdigest()[:16]
+        return self._identity
+
+    def transform(self) -> v2.Compose:
+        size = self.image_size
+        return v2.Compose([
+            v2.ToImage(),
+            v2.RGB(),
+            v2.Resize(int(round(size / self.crop_pct)), antialias=True),
+            v2.CenterCrop(size),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(self.mean, self.std),
+        ])
+
+
+def from_checkpoint(path: str | Path, image_size: int | None = None) -> FeatureModel:
+    """Our checkpoint (a file or a run dir -> its latest valid file). Input size: the pretraining global
+    view size unless `image_size` overrides it. Errors (missing, not ours, truncated, unknown arch) come
+    from models.checkpoint as FileNotFoundError / ValueError."""
+    ckpt = load_checkpoint(path)
+    encoder, cfg = encoder_from_checkpoint(ckpt)
+    spec = cfg["spec"]
+    size = image_size or spec["global_size"]
+    info = {"source": "checkpoint", "path": str(ckpt.get("path", path)), "arch": cfg["arch"],
+            "patch_size": cfg.get("patch_size"), "step": ckpt["step"], "preset": cfg.get("preset"),
+            "pretrain_size": spec["global_size"], "image_size": size}
+    return FeatureModel(f"{cfg['arch']} LeJEPA step {ckpt['step']}", encoder, size, tuple(spec["mean"]),
+                        tuple(spec["std"]), info=info)
+
+
+def random_init(arch: str, image_size: int, patch_size: int | None = None, seed: int = 0) -> FeatureModel:
+    """The same Encoder at random init (seeded, so its features, and their cache, are reproducible)."""
+    check_arch(arch)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = build_encoder(arch, patch_size=patch_size, img_size=image_size).eval()
+    info = {"source": "random-init", "arch": arch, "patch_size": patch_size, "init_seed": seed,
+            "image_size": image_size}
+    return FeatureModel(f"{arch} random init", encoder, image_size, info=info)
+
+
+class TimmFeatures(nn.Module):
+    """Any timm model behind the Encoder's feature API. ViT-like models with a CLS token use the same probe
+    as our ViTs (CLS of the last two blocks + LayerNorm); the rest use their pooled features."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.has_cls = hasattr(model, "get_intermediate_layers") and getattr(model, "num_prefix_tokens", 0) > 0
+
+    def probe_features(self, x: Tensor) -> Tensor:
+        if not self.has_cls:
+            return self.model(x)
+        layers = self.model.get_intermediate_layers(x, n=2, return_prefix_tokens=True, norm=False)
+        cls = torch.cat([prefix[:, 0] for _, prefix in layers], dim=-1)
+        return F.layer_norm(cls, (cls.shape[-1],))
+
+    def patch_features(self, x: Tensor) -> Tensor:
+        feats = self.model.forward_features(x)
+        if feats.ndim == 4:
+            return feats.permute(0, 2, 3, 1)
+        h, w = self.model.patch_embed.dynamic_feat_size(x.shape[-2:]) if getattr(
+            self.model, "dynamic_img_size", False) else self.model.patch_embed.grid_size
+        return feats[:, self.model.num_prefix_tokens:].reshape(x.shape[0], h, w, -1)
+
+
+def from_timm(name: str, weights: str | Path | None = None, image_size: int | None = None) -> FeatureModel:
+    """A timm model by name. Random init unless `weights` names a local file (never downloads)."""
+    if name not in timm.list_models():
+        raise ValueError(f"--timm {name!r} is not a timm model name (see timm.list_models())")
+    kwargs: dict = {"num_classes": 0}
+    if weights is not None:
+        weights = Path(weights)
+        if not weights.is_file():
+            raise FileNotFoundError(f"--timm-weights {weights} does not exist")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(weights)})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = timm.create_model(name, **kwargs).eval()
+    cfg = model.pretrained_cfg
+    size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
+    info = {"source": "timm", "timm": name, "weights": str(weights) if weights else None, "image_size": size}
+    label = f"timm:{name}" + ("" if weights else " random init")
+    return FeatureModel(label, TimmFeatures(model), size, tuple(cfg.get("mean", IMAGENET_MEAN)),
+                        tuple(cfg.get("std", IMAGENET_STD)), crop_pct=cfg.get("crop_pct", CROP_PCT), info=info)
+
+
+class Transformed(Dataset):
+    """(image, label) -> (transform(image), label); the splits are loaded once, untransformed, and each
+    model brings its own input recipe."""
+
+    def __init__(self, dataset: Dataset, transform):
+        self.dataset, self.transform = dataset, transform
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        image, label = self.dataset[i]
+        return self.transform(image), label
+
+
+@torch.inference_mode()
+def extract(model: FeatureModel, dataset, batch_size: int = 128, num_workers: int = 2,
+            device: torch.device | None = None, desc: str = "features") -> Tensor:
+    """Probe features [N, D] (float32, CPU) of an (image, label) dataset, in dataset order."""
+    device = device or default_device()
+    module = model.module.to(device).eval()
+    loader = DataLoader(Transformed(dataset, model.transform()), batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        pin_memory=device.type == "cuda", persistent_workers=False)
+    out = []
+    for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            out.append(module.probe_features(images).float().cpu())
+    return torch.cat(out)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    """temp file in the same folder + fsync + rename: readers never see a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_features(model: FeatureModel, dataset_key: dict, split_name: str, split, cache_dir: Path | None,
+                    **extract_kw) -> Tensor:
+    """Features of `split` (a transfer_datasets.Split), from the cache when
+    an entry with the same key and the same labels exists, else extracted and stored."""
+    key = hashlib.sha1(json.dumps(
+        {"format": CACHE_FORMAT, "model": model.identity, "split": split_name, "n": len(split.labels),
+         **dataset_key}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"{dataset_key['name']}-{split_name}-{key}.pt" if cache_dir else None
+    if path is not None and path.exists():
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if np.array_equal(entry["labels"].numpy(), split.labels):
+                return entry["features"]
+        except Exception:  # an unreadable entry is simply recomputed (and replaced atomically)
+            pass
+    feats = extract(model, split.dataset, desc=f"{dataset_key['name']} {split_name}", **extract_kw)
+    if path is not None:
+        atomic_torch_save({"features": feats, "labels": torch.from_numpy(split.labels)}, path)
+    return feats
