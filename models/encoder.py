@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
+import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -32,7 +32,8 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
             return super().forward(x)
         world = dist.get_world_size()
         moments = torch.stack([x.mean(0), x.square().mean(0)])
-        moments = dist_fn.all_reduce(moments, op=dist.ReduceOp.SUM) / world
+        # functional collective: differentiable (backward = all-reduce of the grad), traceable by compile
+        moments = funcol.all_reduce(moments, "sum", dist.group.WORLD) / world
         mean, var = moments[0], (moments[1] - moments[0].square()).clamp_min(0)
         if self.track_running_stats:
             with torch.no_grad():

@@ -58,6 +58,7 @@ class TrainConfig:
     hidden_dim: int = 2048
     patch_size: int | None = None  # ViT only; None = the registry's patch
     compile: bool = False
+    amp: bool = True  # bf16 autocast (fp16 + GradScaler on GPUs without bf16); False = full fp32
     device: str = "auto"  # auto | cpu | cuda
     num_workers: int | None = None
     seed: int = 0
@@ -118,6 +119,8 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--hidden-dim", type=int, help="projector hidden dim")
     g.add_argument("--patch-size", type=int, help="ViT patch size (default: preset / registry)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+    g.add_argument("--no-amp", dest="amp", action="store_false", default=None,
+                   help="full fp32 instead of bf16 autocast (debugging, exact comparisons)")
     g.add_argument("--device", help="auto | cpu | cuda (default auto)")
     g.add_argument("--num-workers", type=int, help="loader workers per rank")
     g.add_argument("--seed", type=int)

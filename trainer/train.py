@@ -266,7 +266,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
     bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
     amp_dtype = torch.bfloat16 if bf16 else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)  # fp16 GPUs only
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype == torch.float16)  # fp16 GPUs only
     sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed)
 
     step, epoch, pos = 0, 0, 0  # completed optimizer steps; loader epoch; batches consumed in that epoch
@@ -343,9 +343,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                 pos += 1
                 wait_log += time.perf_counter() - t0
                 sync = model.no_sync() if world > 1 and micro < cfg.accum_steps - 1 else contextlib.nullcontext()
-                with sync, torch.autocast(device.type, dtype=amp_dtype):
+                with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
                     out_, logits = model(batch.global_views, batch.local_views)
-                    parts = lejepa_loss(out_.global_emb, out_.all_emb, lambd=cfg.lambd, sigreg=sigreg, step=step_t)
+                    # the loss in fp32: its terms are means of small differences that bf16 would quantise
+                    parts = lejepa_loss(out_.global_emb.float(), out_.all_emb.float(), lambd=cfg.lambd,
+                                        sigreg=sigreg, step=step_t)
                     loss = parts.loss
                     if logits is not None:
                         labels = batch.labels.expand(logits.shape[0], -1)  # [G, B]
