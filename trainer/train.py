@@ -33,6 +33,7 @@ from tqdm import tqdm
 from losses import SIGReg, lejepa_loss
 from models import build_encoder, list_checkpoints, load_checkpoint, save_checkpoint
 from pipelines import build_loader
+from pipelines.inspect import view_grid as pipeline_view_grid
 from trainer.config import RESUME_MUST_MATCH, TrainConfig, validate_config
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning signals (--signal=USR1@90, scancel/preempt)
@@ -180,26 +181,9 @@ class PreemptionFlag:
             handler(self.signum, None)
 
 
-def view_grid(batch, spec, n: int = 8) -> torch.Tensor:
-    """[3, H, W] image: one row per sample, its global views then its local views (upsampled)."""
-    try:
-        from pipelines.inspect import view_grid as pipeline_grid  # the pipelines' own grid, when present
-        return pipeline_grid(batch, spec, n=n)
-    except (ImportError, TypeError):
-        pass
-    from torchvision.utils import make_grid
-
-    g = batch.global_views[:n].float()
-    rows = [g]
-    if batch.local_views.numel():
-        loc = batch.local_views[:n].float()
-        b, l = loc.shape[:2]
-        rows.append(F.interpolate(loc.flatten(0, 1), size=g.shape[-2:], mode="nearest").view(b, l, 3, *g.shape[-2:]))
-    views = torch.cat(rows, 1)  # [n, V, 3, H, W]
-    mean = torch.tensor(spec.mean, device=views.device).view(3, 1, 1)
-    std = torch.tensor(spec.std, device=views.device).view(3, 1, 1)
-    images = (views * std + mean).clamp(0, 1)
-    return make_grid(images.flatten(0, 1).cpu(), nrow=views.shape[1], padding=1)
+def view_grid(batch, spec, n: int = 4) -> torch.Tensor:
+    """[3, H, W] image for TensorBoard: the views of the first `n` samples, one row each."""
+    return torch.cat([pipeline_view_grid(batch, spec, index=i) for i in range(min(n, len(batch.labels)))], dim=1)
 
 
 def write_yaml(path: Path, data: dict) -> None:

@@ -1,0 +1,125 @@
+"""models/: the arch registry, the encoder's shapes and view grouping, and the shared checkpoint format."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from models import ARCHS, build_encoder, encoder_from_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from models.encoder import GlobalBatchNorm1d
+from pipelines.spec import SPEC_PRESETS
+
+torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_every_registry_name_builds(arch):
+    # On the meta device: builds the real timm graph (vit_h included) without allocating or running it.
+    with torch.device("meta"):
+        enc = build_encoder(arch, proj_dim=32, hidden_dim=64)
+    assert enc.arch == arch and enc.is_vit == arch.startswith("vit_")
+    assert enc.probe_dim == (2 * enc.feature_dim if enc.is_vit else enc.feature_dim)
+    assert enc.projector[-1].out_features == 32
+
+
+def test_unknown_arch_lists_valid_names():
+    with pytest.raises(ValueError, match=r"unknown arch 'vit_zz'.*vit_t.*resnet50"):
+        build_encoder("vit_zz")
+    with pytest.raises(ValueError, match="patch_size"):
+        build_encoder("resnet18", patch_size=8)
+
+
+@torch.no_grad()
+def test_vit_takes_seed_view_sizes_224_and_98():
+    enc = build_encoder("vit_t", proj_dim=16, hidden_dim=32).eval()
+    out = enc(torch.randn(1, 2, 3, 224, 224), torch.randn(1, 6, 3, 98, 98))
+    assert out.global_emb.shape == (2, 1, 16) and out.all_emb.shape == (8, 1, 16)
+    assert out.features.shape == (8, 1, 192)
+    assert enc.patch_features(torch.randn(1, 3, 224, 224)).shape == (1, 16, 16, 192)  # patch 14
+    assert enc.patch_features(torch.randn(1, 3, 98, 98)).shape == (1, 7, 7, 192)
+
+
+@torch.no_grad()
+def test_encoder_groups_views_by_resolution_and_keeps_view_order():
+    torch.manual_seed(0)
+    enc = build_encoder("vit_t", proj_dim=16, hidden_dim=32, patch_size=8, img_size=32).eval()
+    g, loc = torch.randn(3, 2, 3, 32, 32), torch.randn(3, 4, 3, 16, 16)
+    out = enc(g, loc)
+    assert out.global_emb.shape == (2, 3, 16) and out.all_emb.shape == (6, 3, 16)
+    assert torch.equal(out.global_emb, out.all_emb[:2])
+    # view v of sample b is the backbone's output for exactly that image
+    torch.testing.assert_close(out.features[1, 2], enc.backbone(g[2, 1:2])[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out.features[2 + 3, 0], enc.backbone(loc[0, 3:4])[0], rtol=1e-4, atol=1e-5)
+
+
+@torch.no_grad()
+def test_non_vit_counts_every_view_as_global():
+    enc = build_encoder("resnet18", proj_dim=16, hidden_dim=32).eval()
+    out = enc(torch.randn(2, 2, 3, 32, 32), torch.randn(2, 3, 3, 16, 16))
+    assert out.global_emb.shape == (5, 2, 16) and torch.equal(out.global_emb, out.all_emb)
+    assert out.features.shape == (5, 2, 512)
+    assert enc.probe_features(torch.randn(2, 3, 32, 32)).shape == (2, 512)
+    assert enc.patch_features(torch.randn(2, 3, 64, 64)).shape == (2, 2, 2, 512)
+
+
+@torch.no_grad()
+def test_vit_probe_features_are_two_cls_tokens_layernormed():
+    enc = build_encoder("vit_t", proj_dim=16, hidden_dim=32, patch_size=8, img_size=32).eval()
+    f = enc.probe_features(torch.randn(4, 3, 32, 32))
+    assert f.shape == (4, enc.probe_dim) == (4, 384)
+    torch.testing.assert_close(f.mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(f.var(-1, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+
+
+def test_global_batchnorm_is_batchnorm_without_process_group():
+    torch.manual_seed(0)
+    ours, ref = GlobalBatchNorm1d(8), torch.nn.BatchNorm1d(8)
+    x = torch.randn(16, 8) * 3 + 1
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def _config():
+    return {"arch": "vit_t", "proj_dim": 16, "hidden_dim": 32, "patch_size": 8,
+            "spec": SPEC_PRESETS["cpu-small"].replace(global_size=32).to_dict()}
+
+
+def test_checkpoint_roundtrip_keep_last_k_and_truncated_fallback(tmp_path):
+    torch.manual_seed(0)
+    enc = build_encoder("vit_t", proj_dim=16, hidden_dim=32, patch_size=8, img_size=32)
+    for step in (5, 10, 15, 20):
+        save_checkpoint({"config": _config(), "model": enc.state_dict()}, tmp_path, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint_000015.pt", "checkpoint_000020.pt"]
+    assert not list(tmp_path.glob("*.tmp"))
+    assert load_checkpoint(tmp_path)["step"] == 20
+
+    latest = list_checkpoints(tmp_path)[-1]
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a torn copy
+    with pytest.warns(UserWarning, match=r"checkpoint_000020\.pt is truncated or corrupt"):
+        ckpt = load_checkpoint(tmp_path)
+    assert ckpt["step"] == 15 and ckpt["path"].endswith("checkpoint_000015.pt")
+    with pytest.raises(ValueError, match=r"checkpoint_000020\.pt is truncated or corrupt"):
+        load_checkpoint(latest)  # a file asked for by name is not silently replaced
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        restored, cfg = encoder_from_checkpoint(tmp_path)
+    assert cfg["arch"] == "vit_t"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(restored.probe_features(x), enc.eval().probe_features(x))
+
+
+def test_checkpoint_errors_name_the_problem(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="no checkpoint_"):
+        load_checkpoint(tmp_path)
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a lejepa-ckpt/1 file"):
+        load_checkpoint(tmp_path / "other.pt")
+    save_checkpoint({"config": dict(_config(), arch="vit_zz"), "model": {}}, tmp_path, 1)
+    with pytest.raises(ValueError, match="unknown arch 'vit_zz'"):
+        load_checkpoint(tmp_path)
