@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evaluation.kshot import ProbeResult, add_common_args, positive_int, report
+from evaluation.kshot import ProbeResult, add_common_args, plain_warnings, positive_int, report
 
 K = 20
 TEMPERATURE = 0.07
@@ -48,4 +48,5 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 if __name__ == "__main__":
+    plain_warnings()
     main()

@@ -22,6 +22,7 @@ Protocol (the seed's table, whose code upstream does not ship):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -44,6 +45,7 @@ WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 ONE_SHOT_WEIGHT_DECAY = 1e-1
 # Input recipe of the trainer's presets (evaluation does not import pipelines/; a test checks these
 # against pipelines.spec.SPEC_PRESETS): preset -> (global view size, ViT patch size).
+SMALL_PROBLEM = 2_000_000  # train features (N x D elements) below which a CPU probe runs on one thread
 PRESET_INPUT = {"seed": (224, None), "cpu-small": (64, 8)}
 
 Shots = int | str  # a positive int or "all"
@@ -145,6 +147,19 @@ class Features:
     classes: list[str]
 
 
+@contextlib.contextmanager
+def cpu_threads(n: int | None):
+    """Temporarily use `n` intra-op threads (None: leave as is). A small probe is thousands of tiny ops,
+    where thread hand-offs cost more than the work (10x more on a busy machine): one thread is faster."""
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def evaluate_shots(feats: Features, shots: Shots, seeds: int, classifier: Classifier,
                    device: torch.device | None = None) -> dict:
     """Accuracy (%) of `classifier` trained on `shots` per class for each seed; mean, std and what was
@@ -159,7 +174,8 @@ def evaluate_shots(feats: Features, shots: Shots, seeds: int, classifier: Classi
         idx, short = sample_shots(feats.train_y, shots, seed)
         train_x = feats.train_x[idx].to(device)
         train_y = torch.from_numpy(feats.train_y[idx]).to(device)
-        result = classifier(train_x, train_y, test_x, num_classes, seed)
+        with cpu_threads(1 if device.type == "cpu" and train_x.numel() < SMALL_PROBLEM else None):
+            result = classifier(train_x, train_y, test_x, num_classes, seed)
         accs.append(100.0 * (result.predictions == test_y).float().mean().item())
         infos.append(result.info)
     return {
@@ -238,8 +254,8 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """The flags kshot.py and knn.py share (model, datasets, shots, outputs, extraction)."""
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Which network(s) to evaluate; shared by kshot.py, knn.py and visualize.py."""
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="LeJEPA run dir (latest valid checkpoint) or checkpoint file")
     src.add_argument("--arch", help="evaluate this arch at random init (with --random-init)")
@@ -251,6 +267,12 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--timm-weights", help="with --timm: a local weights file (nothing is downloaded)")
     parser.add_argument("--baseline", action="store_true",
                         help="with --checkpoint: also evaluate the same arch / patch / input size at random init")
+    parser.add_argument("--image-size", type=positive_int, help="input size (default: pretraining global view size)")
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """The flags kshot.py and knn.py share (model, datasets, shots, outputs, extraction)."""
+    add_model_args(parser)
     parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME:ROOT",
                         help="dtd, fgvcaircraft, stanfordcars, cifar10, cifar100, flowers102, food101, "
                              "oxfordiiitpet (torchvision layouts, no download) or imagefolder:DIR")
@@ -258,7 +280,6 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=positive_int, default=5, help="number of seeds (0..N-1) per shot count")
     parser.add_argument("--json", help="write results as a JSON list here")
     parser.add_argument("--markdown", help="write the markdown table here")
-    parser.add_argument("--image-size", type=positive_int, help="input size (default: pretraining global view size)")
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--cache-dir", default=".cache/features", help="feature cache ('' disables it)")
@@ -349,7 +370,6 @@ def notes_for(results: list[dict], classifier_name: str) -> list[str]:
 
 def report(args: argparse.Namespace, classifier: Classifier, classifier_name: str) -> list[dict]:
     """Run, print the markdown table, write --markdown / --json (atomically); returns the result rows."""
-    warnings.formatwarning = lambda msg, *a, **k: f"warning: {msg}\n"
     results = run(args, classifier, classifier_name)
     table = format_markdown(results, notes_for(results, classifier_name))
     print(table, end="")
@@ -369,5 +389,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                   f"chosen on held-out shots; 1 shot: {ONE_SHOT_WEIGHT_DECAY:g})")
 
 
+def plain_warnings() -> None:
+    """Command-line warnings as one readable line (no source line, no category)."""
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+
+
 if __name__ == "__main__":
+    plain_warnings()
     main()
