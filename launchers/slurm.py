@@ -1,0 +1,379 @@
+"""Launch LeJEPA pretraining on SLURM through submitit: one task per GPU, requeue on timeout/preemption.
+
+    python launchers/slurm.py --arch vit_l --nodes 4 --partition gpu --time 72:00:00 --out /shared/runs/vitl
+    python launchers/slurm.py --preset cpu-small --gpus-per-node 0 --nodes 2 --wait          # CPU tasks
+    python launchers/slurm.py --preset cpu-small --array lambd=0.02,0.05,0.1 --gpus-per-node 0  # job array
+    python launchers/slurm.py ... --dry-run         # print the sbatch script, submit nothing
+
+Training flags are those of launchers/local.py (trainer.config.add_config_args). Every task runs
+`trainer.run(cfg)` with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT taken from SLURM by
+submitit's TorchDistributedEnvironment. SLURM sends SIGUSR1 `--signal-delay` seconds before the time limit
+(and a preempting scheduler sends SIGTERM or SIGUSR1): the trainer saves a checkpoint and chains to
+submitit's handler, which calls `TrainTask.checkpoint()` and requeues the job; the requeued job runs the same
+config with the same --out, and the trainer resumes from its latest checkpoint there.
+"""
+
+from __future__ import annotations
+
+import os
+
+# The trainer catches SIGTERM and SIGUSR1 (trainer contract); submitit's own default is SIGUSR2. Set before
+# submitit is imported: it reads the variable at import, both here (for `#SBATCH --signal`) and in the job.
+os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import itertools  # noqa: E402
+import re  # noqa: E402
+import shlex  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import submitit  # noqa: E402
+from submitit.slurm.slurm import _make_sbatch_string  # noqa: E402  (the function submitit submits with)
+
+from trainer.config import TrainConfig, add_config_args, config_from_args, validate_config  # noqa: E402
+
+UP_SCRIPT = "launchers/cluster/up.sh"
+NO_CLUSTER_HINT = (f"To try this launcher on one machine, start the local test cluster: sudo {UP_SCRIPT} "
+                   "(see README, 'SLURM').")
+
+
+class LaunchError(Exception):
+    """Bad input or no usable cluster: printed as one line, no traceback."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# What runs on the nodes
+# --------------------------------------------------------------------------------------------------------
+class TrainTask:
+    """One SLURM task = one trainer rank. Submitit pickles this object into the job folder."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def __call__(self) -> dict:
+        # CUDA_VISIBLE_DEVICES stays as SLURM set it: the trainer picks cuda:LOCAL_RANK itself.
+        dist = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        print(f"rank {dist.rank}/{dist.world_size} (local {dist.local_rank}) on {os.uname().nodename}, "
+              f"master {dist.master_addr}:{dist.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', 0)}",
+              flush=True)
+        import trainer  # imported here: the submitting process does not need the training stack
+
+        summary = trainer.run(self.cfg)
+        status = summary.get("status")
+        if status == "preempted":
+            # SIGTERM from SLURM (requeue, preemption or scancel): SLURM decides whether the job comes back.
+            # Returning would write submitit's result file, which tells `job.result()` the job is over.
+            print(f"rank {dist.rank}: checkpoint saved at step {summary.get('step')}; leaving the rest to SLURM",
+                  flush=True)
+            raise SystemExit(3)
+        if status != "done":
+            raise RuntimeError(f"training stopped with status {status!r}: {summary}")
+        return summary
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """Called by submitit on SIGUSR1 (time limit near / preemption) after the trainer saved a checkpoint.
+
+        The resubmitted task is the same config with the same --out: the trainer resumes from the latest
+        checkpoint it finds there, so nothing else needs to be carried over.
+        """
+        return submitit.helpers.DelayedSubmission(TrainTask(self.cfg))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_args(p)
+    s = p.add_argument_group("SLURM (submitit)")
+    s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    s.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs per node, one task (trainer rank) per GPU (default 8; 0 = CPU tasks)")
+    s.add_argument("--tasks-per-node", type=int,
+                   help="CPU jobs only: ranks per node (default 1); with GPUs it is --gpus-per-node")
+    s.add_argument("--cpus-per-task", type=int, help="CPUs per rank (data loading workers + main thread)")
+    s.add_argument("--partition", help="partition (default: the cluster's default partition)")
+    s.add_argument("--account", help="account to charge")
+    s.add_argument("--qos", help="quality of service")
+    s.add_argument("--time", default="24:00:00",
+                   help="time limit per attempt, SLURM format: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS "
+                        "(default 24:00:00; the job requeues itself when it hits it)")
+    s.add_argument("--mem", help="memory per node, e.g. 64G, 500M (a plain number is MB, as in sbatch)")
+    s.add_argument("--constraint", help="node features, e.g. a100")
+    s.add_argument("--exclude", help="nodes to avoid, e.g. node[3-4]")
+    s.add_argument("--job-name", default="lejepa", help="job name (default lejepa)")
+    s.add_argument("--array", action="append", default=[], metavar="FLAG=V1,V2,...",
+                   help="sweep a training flag as a job array, e.g. lambd=0.02,0.05,0.1; repeat for a grid. "
+                        "Each member writes to OUT/<flag>=<value>")
+    s.add_argument("--array-parallelism", type=int, default=256, help="array members running at once")
+    s.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which SLURM sends SIGUSR1 (checkpoint + requeue); "
+                        "slurmctld checks every 30 s, so it may come up to 30 s earlier (default 120)")
+    s.add_argument("--max-timeouts", type=int, default=20,
+                   help="requeues after hitting the time limit before giving up (preemptions do not count)")
+    s.add_argument("--wait", action="store_true", help="follow the job, print its log, exit non-zero on failure")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and submit nothing")
+    return p
+
+
+_TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+
+
+def parse_time(text: str) -> int:
+    """SLURM time string -> whole minutes (seconds round up). Raises LaunchError naming --time."""
+    m = _TIME.match(text.strip())
+    if not m:
+        raise LaunchError(f"--time {text!r}: not a SLURM time; use MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    g = {k: int(v) if v is not None else 0 for k, v in m.groupdict().items()}
+    if m.group("d") is not None:
+        seconds = ((g["d"] * 24 + g["dh"]) * 60 + g["dm"]) * 60 + g["ds"]
+    elif m.group("c") is not None:  # HH:MM:SS
+        seconds = (g["a"] * 60 + g["b"]) * 60 + g["c"]
+    else:  # MM or MM:SS
+        seconds = g["a"] * 60 + g["b"]
+    if seconds <= 0:
+        raise LaunchError(f"--time {text!r} must be longer than zero")
+    return -(-seconds // 60)
+
+
+def parse_mem_gb(text: str) -> float:
+    """sbatch --mem syntax (K/M/G/T suffix, plain number = MB) -> GB for submitit."""
+    m = re.match(r"^(\d+(?:\.\d+)?)([KMGT]?)B?$", text.strip(), re.IGNORECASE)
+    if not m or float(m.group(1)) <= 0:
+        raise LaunchError(f"--mem {text!r}: use a positive size such as 64G, 500M or 1T")
+    scale = {"K": 1 / 1024**2, "M": 1 / 1024, "": 1 / 1024, "G": 1.0, "T": 1024.0}[m.group(2).upper()]
+    return float(m.group(1)) * scale
+
+
+def parse_array(items: list[str], parser: argparse.ArgumentParser) -> list[list[tuple[str, str]]]:
+    """['lambd=0.02,0.05', 'lr=1e-3,2e-3'] -> the grid of (flag, value) assignments, one list per member."""
+    flags = {opt for action in parser._actions for opt in action.option_strings}
+    axes = []
+    for item in items:
+        name, sep, values = item.partition("=")
+        flag = "--" + name.strip().lstrip("-").replace("_", "-")
+        if not sep or not values.strip():
+            raise LaunchError(f"--array {item!r}: expected FLAG=V1,V2,... e.g. lambd=0.02,0.05,0.1")
+        if flag not in flags or flag in ("--out", "--array"):
+            raise LaunchError(f"--array {item!r}: {flag} is not a training flag (see --help)")
+        axes.append([(flag, v.strip()) for v in values.split(",") if v.strip()])
+    return [list(combo) for combo in itertools.product(*axes)]
+
+
+def member_name(assignments: list[tuple[str, str]]) -> str:
+    return "_".join(f"{flag.lstrip('-').replace('-', '_')}={value}" for flag, value in assignments)
+
+
+def build_configs(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> list[TrainConfig]:
+    """One config per job (array member), each validated, --out made absolute (the nodes run elsewhere).
+    Array values go through the flag's own parser, so they are typed and checked like any other flag."""
+    base = config_from_args(args)
+    out = Path(base.out).resolve()
+    if not args.array:
+        configs = [dataclasses.replace(base, out=str(out))]
+    else:
+        configs = []
+        for assignments in parse_array(args.array, parser):
+            extra = [x for pair in assignments for x in pair]
+            try:
+                member_args = parser.parse_args(argv + extra)
+            except SystemExit as e:  # argparse already printed which value was bad
+                raise LaunchError(f"--array: bad value in {' '.join(extra)}") from e
+            cfg = config_from_args(member_args)
+            configs.append(dataclasses.replace(cfg, out=str(out / member_name(assignments))))
+    for cfg in configs:
+        validate_config(cfg)
+    return configs
+
+
+def slurm_parameters(args: argparse.Namespace, num_jobs: int) -> dict:
+    """sbatch parameters in submitit's SlurmExecutor vocabulary (also what --dry-run renders)."""
+    if args.nodes < 1:
+        raise LaunchError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.gpus_per_node < 0:
+        raise LaunchError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
+    if args.gpus_per_node > 0 and args.tasks_per_node not in (None, args.gpus_per_node):
+        raise LaunchError(f"--tasks-per-node {args.tasks_per_node}: with GPUs there is one task per GPU "
+                          f"(--gpus-per-node {args.gpus_per_node}); use --gpus-per-node 0 for CPU tasks")
+    tasks = args.gpus_per_node or (args.tasks_per_node if args.tasks_per_node is not None else 1)
+    if tasks < 1:
+        raise LaunchError(f"--tasks-per-node must be >= 1, got {args.tasks_per_node}")
+    if args.cpus_per_task is not None and args.cpus_per_task < 1:
+        raise LaunchError(f"--cpus-per-task must be >= 1, got {args.cpus_per_task}")
+    if args.signal_delay < 0 or args.max_timeouts < 0 or args.array_parallelism < 1:
+        raise LaunchError("--signal-delay and --max-timeouts must be >= 0, --array-parallelism >= 1")
+    minutes = parse_time(args.time)
+    if args.signal_delay >= minutes * 60:
+        raise LaunchError(f"--signal-delay {args.signal_delay} s must be shorter than --time {args.time!r}")
+    params = dict(
+        job_name=args.job_name,
+        nodes=args.nodes,
+        ntasks_per_node=tasks,
+        time=minutes,
+        signal_delay_s=args.signal_delay,
+        # Threads per rank follow the CPUs SLURM gave it; the job must use the trainer's signal (see top).
+        setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", "export SUBMITIT_PREEMPT_SIGNAL=USR1"],
+        # Requeueable even where the cluster's JobRequeue default is 0 (preemption, node failure, requeue).
+        additional_parameters={"requeue": True},
+    )
+    if args.gpus_per_node:
+        params["gpus_per_node"] = args.gpus_per_node
+    optional = dict(cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, qos=args.qos,
+                    constraint=args.constraint, exclude=args.exclude)
+    params.update({k: v for k, v in optional.items() if v is not None})
+    if args.mem is not None:
+        gb = parse_mem_gb(args.mem)
+        params["mem"] = f"{int(gb)}GB" if gb == int(gb) else f"{max(1, round(gb * 1024))}MB"
+    if num_jobs > 1:
+        params["array_parallelism"] = args.array_parallelism
+    return params
+
+
+# --------------------------------------------------------------------------------------------------------
+# Talking to the cluster
+# --------------------------------------------------------------------------------------------------------
+def _run(cmd: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def check_cluster(partition: str | None) -> None:
+    """sbatch present, controller answering, partition known: else one clear LaunchError."""
+    for tool in ("sbatch", "srun", "sinfo", "sacct"):
+        if shutil.which(tool) is None:
+            raise LaunchError(f"no `{tool}` on PATH: this machine is not a SLURM submit host. {NO_CLUSTER_HINT}")
+    try:
+        ping = _run(["scontrol", "ping"])
+    except subprocess.TimeoutExpired:
+        ping = None
+    if ping is None or ping.returncode != 0 or " is UP" not in ping.stdout:
+        said = (ping.stdout + ping.stderr).strip().splitlines()[0] if ping is not None else "no answer within 30 s"
+        raise LaunchError(f"no SLURM controller reachable (`scontrol ping`: {said or 'no output'}). {NO_CLUSTER_HINT}")
+    if partition is not None:
+        names = _run(["sinfo", "-h", "-o", "%R"]).stdout.split()
+        if partition not in names:
+            raise LaunchError(f"--partition {partition!r} is not a partition of this cluster; "
+                              f"sinfo lists: {', '.join(sorted(set(names))) or 'none'}")
+
+
+def sbatch_script(folder: Path, params: dict, num_jobs: int) -> str:
+    """Exactly the text submitit writes to its submission file (same function, same parameters)."""
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    return _make_sbatch_string(command=command, folder=folder, map_count=num_jobs if num_jobs > 1 else None,
+                               **params)
+
+
+def make_executor(folder: Path, params: dict, max_timeouts: int) -> submitit.AutoExecutor:
+    executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=max_timeouts)
+    executor.update_parameters(**{f"slurm_{k}": v for k, v in params.items()})
+    return executor
+
+
+def log_paths(job: submitit.Job) -> tuple[Path, Path]:
+    return job.paths.stdout, job.paths.stderr
+
+
+def follow(jobs: list, poll_s: float = 3.0) -> bool:
+    """Print the first member's rank-0 log as it grows; report every member's end. True if all succeeded."""
+    stdout, stderr = log_paths(jobs[0])
+    offsets = {stdout: 0, stderr: 0}
+    last_state = None
+    pending = list(jobs)
+    ok = True
+    while pending:
+        for path in offsets:
+            if path.exists():
+                with open(path, "rb") as f:
+                    f.seek(offsets[path])
+                    chunk = f.read()
+                offsets[path] += len(chunk)
+                if chunk:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+        state = jobs[0].state
+        if state != last_state and state != "UNKNOWN":  # UNKNOWN: sacct has not seen the job yet
+            print(f"[slurm.py] job {jobs[0].job_id}: {state}", flush=True)
+            last_state = state
+        for job in list(pending):
+            if job.done(force_check=True):
+                pending.remove(job)
+                ok &= report_end(job)
+        if pending:
+            time.sleep(poll_s)
+    return ok
+
+
+def final_state(job, tries: int = 15) -> str:
+    """The job's state once sacct has recorded its end (the result file can appear a little earlier)."""
+    for _ in range(tries):
+        state = job.watcher.get_state(job.job_id, mode="force")
+        if state not in ("UNKNOWN", "PENDING", "RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING"):
+            break
+        time.sleep(2)
+    return state
+
+
+def report_end(job) -> bool:
+    stdout, stderr = log_paths(job)
+    try:
+        summary = job.results()[0]  # rank 0's summary (every task returns one)
+    except Exception as e:  # submitit raises the job's traceback, or why no result exists (cancelled, killed)
+        state = final_state(job)
+        print(f"[slurm.py] job {job.job_id} FAILED (state {state}).\n  log: {stdout}\n  err: {stderr}\n"
+              f"{str(e).strip()[-3000:]}", file=sys.stderr, flush=True)
+        return False
+    print(f"[slurm.py] job {job.job_id} done: step {summary.get('step')}, out {summary.get('out')}", flush=True)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        configs = build_configs(args, argv, parser)
+        params = slurm_parameters(args, len(configs))
+        # submitit's pickles and logs, shared by array members: on a filesystem every node sees, like --out
+        folder = Path(config_from_args(args).out).resolve() / "slurm"
+        if args.dry_run:
+            print(sbatch_script(folder, params, len(configs)))
+            for cfg in configs:
+                print(f"# member out: {cfg.out}")
+            return 0
+        check_cluster(args.partition)
+    except (LaunchError, ValueError) as e:  # ValueError: the trainer's own config checks
+        print(f"slurm.py: error: {e}", file=sys.stderr)
+        return 2
+
+    executor = make_executor(folder, params, args.max_timeouts)
+    try:
+        with executor.batch() if len(configs) > 1 else contextlib.nullcontext():
+            jobs = [executor.submit(TrainTask(cfg)) for cfg in configs]
+    except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as e:
+        print(f"slurm.py: error: sbatch refused the job: {str(e).strip()}", file=sys.stderr)
+        return 2
+
+    tasks = params["ntasks_per_node"] * params["nodes"]
+    for job, cfg in zip(jobs, configs):
+        stdout, stderr = log_paths(job)
+        print(f"submitted job {job.job_id}: {params['nodes']} node(s) x {params['ntasks_per_node']} task(s) "
+              f"= world size {tasks}{', ' + str(params.get('gpus_per_node', 0)) + ' GPU(s)/node' if params.get('gpus_per_node') else ' (CPU)'}\n"
+              f"  out:  {cfg.out}\n  log:  {stdout}\n  err:  {stderr}")
+    print(f"monitor: squeue -j {jobs[0].job_id.split('_')[0]}    tail -f {log_paths(jobs[0])[0]}\n"
+          f"tensorboard --logdir {folder.parent}")
+    if not args.wait:
+        return 0
+    return 0 if follow(jobs) else 1
+
+
+if __name__ == "__main__":
+    # Run through the package so submitit pickles TrainTask by reference (launchers.slurm.TrainTask), not by
+    # value from __main__.
+    from launchers.slurm import main as _main
+
+    sys.exit(_main())

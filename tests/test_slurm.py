@@ -1,0 +1,291 @@
+"""launchers/slurm.py against a real SLURM: the local cluster of launchers/cluster/up.sh (2 fake nodes).
+
+The long jobs are submitted together at the start (module fixture `jobs`) so their waits overlap: requeue
+and restart delays are SLURM's (credential expiry, scheduler ticks), not CPU time. Every job is the
+cpu-small preset on the imagenette fixture with tiny batches, one thread per rank.
+What is asserted comes from what the jobs leave behind: sacct states, submitit logs, the TensorBoard event
+files (one per attempt, read back raw) and the checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+UP, DOWN = REPO / "launchers/cluster/up.sh", REPO / "launchers/cluster/down.sh"
+LAUNCHER = REPO / "launchers/slurm.py"
+STATE = Path(os.environ.get("LEJEPA_SLURM_DIR", "/var/tmp/lejepa-slurm"))
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def root_cmd(*cmd) -> list[str]:
+    return [str(c) for c in cmd] if os.geteuid() == 0 else ["sudo", "-E", *map(str, cmd)]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """Start the local cluster (installs the Debian packages on a fresh machine); stop it after if we started it."""
+    if os.geteuid() != 0 and shutil.which("sudo") is None:
+        pytest.fail("the SLURM tests start a local cluster with launchers/cluster/up.sh, which needs root or sudo")
+    was_up = subprocess.run(["scontrol", "ping"], capture_output=True, text=True).returncode == 0 \
+        if shutil.which("scontrol") else False
+    up = subprocess.run(root_cmd("bash", UP), capture_output=True, text=True, timeout=900)
+    assert up.returncode == 0, f"up.sh failed:\n{up.stdout}\n{up.stderr}"
+    yield
+    if not was_up:
+        subprocess.run(root_cmd("bash", DOWN), capture_output=True, text=True, timeout=120)
+
+
+def train_flags(data: Path, out: Path, steps: int, **extra) -> list[str]:
+    flags = {"preset": "cpu-small", "data": data / "train", "backend": "torchvision", "out": out, "steps": steps,
+             "batch-size": 4, "log-every": 1, "image-every": 0, "num-workers": 0, "gpus-per-node": 0,
+             "cpus-per-task": 1, "time": 10, **extra}
+    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
+
+
+def submit(*arg_lists: list[str]) -> list[str]:
+    """Run the launcher once per argument list, in parallel (no --wait); return the job ids it printed."""
+    procs = [subprocess.Popen([sys.executable, LAUNCHER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO) for args in arg_lists]
+    ids = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, f"launcher failed:\n{out}\n{err}"
+        m = re.search(r"submitted job (\d+)", out)
+        assert m and "tensorboard --logdir" in out and "log:" in out, out
+        ids.append(m.group(1))
+    return ids
+
+
+def sacct_states(job: str) -> dict[str, str]:
+    """{job id or array member id: state} of the allocation (not its steps)."""
+    p = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j", job], capture_output=True, text=True)
+    return dict(line.split("|")[:2] for line in p.stdout.split() if "|" in line)
+
+
+def squeue_state(job: str) -> str:
+    p = subprocess.run(["squeue", "-h", "-o", "%T", "-j", job], capture_output=True, text=True)
+    return p.stdout.strip()
+
+
+def wait_until(predicate, what: str, timeout: float, poll: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "DEADLINE")
+
+
+def wait_done(job: str, out: Path, timeout: float = 300) -> dict[str, str]:
+    """Wait for every member of the job to end; fail with the logs if one did not complete."""
+    def ended():
+        states = sacct_states(job)  # a pending array shows one row "ID_[0-1]" until its members start
+        final = states and not any("[" in k for k in states) and all(v.split()[0] in FINAL for v in states.values())
+        return states if final else None
+
+    states = wait_until(ended, f"job {job} to finish", timeout, poll=2)
+    if any(s != "COMPLETED" for s in states.values()):
+        logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted((out / "slurm").glob("*_log.*")))
+        pytest.fail(f"job {job} ended {states}\n{logs}")
+    return states
+
+
+def loss_steps_per_attempt(run_dir: Path) -> list[list[int]]:
+    """Steps logged under train/loss, one list per TensorBoard event file (= per attempt), oldest first.
+    Raw files, so steps a killed attempt logged after its last checkpoint are still visible."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    files = sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=lambda f: int(f.name.split(".")[3]))
+    return [[e.step for e in EventFileLoader(str(f)).Load() if any(v.tag == "train/loss" for v in e.summary.value)]
+            for f in files]
+
+
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    return sorted(int(p.stem.split("_")[1]) for p in run_dir.glob("checkpoint_*.pt"))
+
+
+def run_log(run_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*_log.*")))
+
+
+# ------------------------------------------------------------------------------------------- the jobs
+REQUEUE_STEPS, TIMEOUT_STEPS, ARRAY_STEPS = 12, 60, 4
+
+
+@pytest.fixture(scope="module")
+def jobs(cluster, imagenette, tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm_runs")
+    # Shared across nodes in a real cluster; here every fake node is this machine, so tmp is shared too.
+    runs = {"requeue": root / "requeue", "timeout": root / "timeout", "array": root / "array"}
+    ids = dict(zip(runs, submit(
+        # 2 nodes x 1 CPU task; requeued by the test mid-run (SIGTERM path).
+        train_flags(imagenette, runs["requeue"], REQUEUE_STEPS, nodes=2, **{"ckpt-every": 3}),
+        # 1 task, 1-minute limit, SIGUSR1 5 s before it (slurmctld checks every 30 s, so it comes 25-55 s
+        # after the start): the SIGUSR1 -> trainer checkpoint -> submitit requeue path. Periodic checkpoints
+        # off, so every checkpoint is one the time limit caused.
+        train_flags(imagenette, runs["timeout"], TIMEOUT_STEPS, nodes=1, time=1,
+                    **{"signal-delay": 5, "ckpt-every": 1000}),
+        train_flags(imagenette, runs["array"], ARRAY_STEPS, nodes=1) + ["--array", "lambd=0.05,0.2"],
+    )))
+    yield ids, runs
+    subprocess.run(["scancel", *ids.values()], capture_output=True)
+
+
+# ------------------------------------------------------------------------------------------- the tests
+def test_two_node_job_requeued_mid_run_resumes_from_its_checkpoint(jobs):
+    ids, runs = jobs
+    job, out = ids["requeue"], runs["requeue"]
+    wait_until(lambda: checkpoint_steps(out) and squeue_state(job) == "RUNNING", "the first checkpoint", 240)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    # Back to PENDING once every process of the first attempt is gone: its checkpoints are final then.
+    wait_until(lambda: squeue_state(job) == "PENDING", "the requeued job to be pending", 120, poll=0.5)
+    last_ckpt = max(checkpoint_steps(out))
+    assert 3 <= last_ckpt < REQUEUE_STEPS, f"requeue was meant to land mid-run, checkpoints {checkpoint_steps(out)}"
+
+    wait_done(job, out, timeout=300)
+    first, second = loss_steps_per_attempt(out)
+    log = run_log(out)
+    assert "restart 1" in log and f"resumed from {out}/checkpoint_{last_ckpt:06d}.pt at step {last_ckpt}" in log
+    # The first attempt trained 1..k (k >= its last checkpoint: SIGTERM let it save where it stood)...
+    assert first == list(range(1, len(first) + 1)) and len(first) >= last_ckpt
+    # ... and the second continued right after that checkpoint: no step up to it was trained twice.
+    assert second == list(range(last_ckpt + 1, REQUEUE_STEPS + 1))
+
+    from models.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(out)
+    assert ckpt["step"] == REQUEUE_STEPS and ckpt["world_size"] == 2
+    assert (out / "config.yaml").exists()
+
+
+def test_job_hitting_its_time_limit_requeues_and_finishes(jobs):
+    ids, runs = jobs
+    job, out = ids["timeout"], runs["timeout"]
+    # TIMEOUT_STEPS cannot fit in one 25-55 s attempt on 2 cores, so the first attempt meets its limit.
+    wait_until(lambda: "Requeued job" in run_log(out), "the first attempt to hit its time limit and requeue", 240)
+    # Then let the job finish without more timeouts (keeps the test short; each attempt is the same path).
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
+    wait_done(job, out, timeout=360)
+    log = run_log(out)
+    attempts = [a for a in loss_steps_per_attempt(out) if a]
+    rank0 = (out / "slurm" / f"{job}_0_log.out").read_text()  # submitit logs INFO here (WARNING in both files)
+    assert len(attempts) >= 2
+    assert rank0.count("this job is timed-out") == rank0.count(f"Requeued job {job}") == len(attempts) - 1
+    # Each SIGUSR1 checkpoint was written where its attempt stood, and the next attempt resumed from it at
+    # the following step: together the attempts train every step exactly once.
+    for before in attempts[:-1]:
+        assert f"resumed from {out}/checkpoint_{before[-1]:06d}.pt at step {before[-1]}" in log
+    assert [s for a in attempts for s in a] == list(range(1, TIMEOUT_STEPS + 1)), attempts
+    from models.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out)["step"] == TIMEOUT_STEPS
+
+
+def test_array_members_run_with_their_own_output_folders(jobs):
+    import yaml
+
+    ids, runs = jobs
+    job, out = ids["array"], runs["array"]
+    states = wait_done(job, out, timeout=300)
+    assert sorted(states) == [f"{job}_0", f"{job}_1"]
+    for lambd in (0.05, 0.2):
+        member = out / f"lambd={lambd}"
+        config = yaml.safe_load((member / "config.yaml").read_text())
+        assert config["lambd"] == lambd and config["out"] == str(member)
+        assert checkpoint_steps(member)[-1] == ARRAY_STEPS
+        assert loss_steps_per_attempt(member) == [list(range(1, ARRAY_STEPS + 1))]
+
+
+# --------------------------------------------------------------------- in-process: dry run, bad input
+def launch(capsys, *argv) -> tuple[int, str, str]:
+    from launchers.slurm import main
+
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_dry_run_prints_the_sbatch_script_for_gpu_nodes(capsys, tmp_path):
+    code, out, _ = launch(capsys, "--arch", "vit_l", "--nodes", 4, "--partition", "main", "--time", "2-00:00:00",
+                          "--out", tmp_path, "--dry-run")
+    assert code == 0
+    for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --time=2880", "#SBATCH --signal=USR1@120", "#SBATCH --requeue",
+                 "#SBATCH --partition=main", f"#SBATCH --output={tmp_path}/slurm/%j_0_log.out"):
+        assert line in out.splitlines(), line
+    assert re.search(r"^srun .* -m submitit.core._submit " + re.escape(str(tmp_path / "slurm")), out, re.M)
+    assert not (tmp_path / "slurm").exists()  # nothing written, nothing submitted
+
+
+def test_dry_run_cpu_tasks_and_array(capsys, tmp_path):
+    code, out, _ = launch(capsys, "--gpus-per-node", 0, "--tasks-per-node", 2, "--nodes", 3, "--cpus-per-task", 4,
+                          "--mem", "8G", "--array", "lambd=0.02,0.05,0.1", "--out", tmp_path, "--dry-run")
+    assert code == 0
+    lines = out.splitlines()
+    for line in ("#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=4",
+                 "#SBATCH --mem=8GB", "#SBATCH --array=0-2%3"):
+        assert line in lines, line
+    assert not any("gpus" in line for line in lines)
+    for lambd in ("0.02", "0.05", "0.1"):
+        assert f"# member out: {tmp_path}/lambd={lambd}" in lines
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nodes", "0"], "--nodes must be >= 1"),
+    (["--time", "1h"], "--time '1h'"),
+    (["--time", "25:61:00:00"], "--time '25:61:00:00'"),
+    (["--mem", "lots"], "--mem 'lots'"),
+    (["--gpus-per-node", "8", "--tasks-per-node", "2"], "one task per GPU"),
+    (["--array", "nosuchflag=1,2"], "--nosuchflag is not a training flag"),
+    (["--array", "lambd"], "expected FLAG=V1,V2"),
+    (["--array", "lambd=0.1,7"], "--lambd must be in [0, 1]"),
+    (["--arch", "vit_xxl"], "unknown arch 'vit_xxl'"),
+])
+def test_bad_input_is_one_clear_error_before_submission(capsys, tmp_path, argv, message):
+    code, out, err = launch(capsys, *argv, "--out", tmp_path)
+    assert code == 2 and message in err and "Traceback" not in err, err
+    assert not (tmp_path / "slurm").exists()
+
+
+def test_unknown_partition_is_refused(cluster, capsys, tmp_path):
+    code, _, err = launch(capsys, "--partition", "nosuch", "--gpus-per-node", 0, "--out", tmp_path)
+    assert code == 2 and "--partition 'nosuch' is not a partition" in err and "main" in err and "preempt" in err
+
+
+def test_no_sbatch_on_path_points_to_the_local_cluster_script(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM client here
+    code, _, err = launch(capsys, "--gpus-per-node", 0, "--out", tmp_path)
+    assert code == 2 and "no `sbatch` on PATH" in err and "launchers/cluster/up.sh" in err
+
+
+def test_unreachable_controller_points_to_the_local_cluster_script(cluster, capsys, tmp_path, monkeypatch):
+    conf = (STATE / "etc/slurm.conf").read_text()
+    bad = tmp_path / "slurm.conf"  # same cluster, but a port where no controller listens
+    bad.write_text(re.sub(r"^SlurmctldPort=\d+", "SlurmctldPort=1", conf, flags=re.M))
+    monkeypatch.setenv("SLURM_CONF", str(bad))
+    code, _, err = launch(capsys, "--gpus-per-node", 0, "--out", tmp_path)
+    assert code == 2 and "no SLURM controller reachable" in err and "launchers/cluster/up.sh" in err
+
+
+def test_wait_reports_a_job_that_fails_on_its_node(cluster, imagenette, tmp_path):
+    # 5000 training images and a batch of 6000 per rank: valid flags, but the trainer finds no full batch.
+    p = subprocess.run([sys.executable, LAUNCHER, *train_flags(imagenette, tmp_path, 2, nodes=1, **{"batch-size": 6000}),
+                        "--wait"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 1
+    assert re.search(r"job \d+ FAILED \(state FAILED\)", p.stderr), p.stderr
+    assert f"log: {tmp_path}/slurm/" in p.stderr and "ValueError" in p.stderr  # the node's traceback, last line
