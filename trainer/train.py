@@ -317,6 +317,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         while step < total:
             # ---- forward/backward over accum_steps micro-batches
             figures = torch.zeros(5, device=device)  # loss, pred, sigreg, probe correct, probe labelled
+            # BatchNorm running stats change in the forward: keep a copy (a few KB) to undo a skipped step
+            buffers = [b.detach().clone() for b in module.buffers() if b.is_floating_point()]
             for micro in range(cfg.accum_steps):
                 t0 = time.perf_counter()
                 if pos >= len(loader):  # epoch boundary: reshuffle
@@ -357,6 +359,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                 bad = 0
             else:
                 bad, skipped = bad + 1, skipped + 1
+                with torch.no_grad():
+                    for saved, b in zip(buffers, (b for b in module.buffers() if b.is_floating_point())):
+                        b.copy_(saved)
                 if rank == 0:
                     tqdm.write(f"step {step + 1}: non-finite loss/gradient, step skipped ({bad} in a row)")
             optimizer.zero_grad(set_to_none=True)

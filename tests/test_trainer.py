@@ -1,0 +1,249 @@
+"""trainer/ + launchers/local.py on real images (imagenette160 fixture), real TensorBoard files, real
+DDP processes (gloo) and a real SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from launchers.local import main as launcher_main
+from models import encoder_from_checkpoint, list_checkpoints, load_checkpoint
+from pipelines import available
+from pipelines.spec import SPEC_PRESETS
+from trainer import TrainConfig, run
+
+REPO = Path(__file__).resolve().parents[1]
+TAGS = ("train/loss", "train/pred", "train/sigreg", "train/lr", "probe/acc", "perf/images_per_s",
+        "perf/data_wait_frac", "perf/step_ms")
+TINY_SPEC = SPEC_PRESETS["cpu-small"].replace(global_size=32, local_size=16, local_views=2)
+# Small enough for 2 cores: ViT-tiny/8 on 2x32 + 2x16 px views, a narrow projector, few slices.
+# In-process runs use fp32 (faster than emulated bf16 on CPUs without AMX); the loop test and the
+# kill -9 resume test run the default bf16 autocast path.
+TINY = dict(arch="vit_t", patch_size=8, batch_size=8, proj_dim=32, hidden_dim=64, num_slices=64, lambd=0.1,
+            lr=2e-3, log_every=1, image_every=0, num_workers=0, spec=TINY_SPEC, amp=False)
+TINY_FLAGS = ["--arch", "vit_t", "--patch-size", "8", "--batch-size", "8", "--proj-dim", "32", "--hidden-dim", "64",
+              "--num-slices", "64", "--lambd", "0.1", "--lr", "2e-3", "--log-every", "1", "--image-every", "0",
+              "--num-workers", "0", "--global-size", "32", "--local-size", "16", "--local-views", "2",
+              "--backend", "torchvision"]
+
+
+@pytest.fixture(autouse=True)
+def _threads():
+    torch.set_num_threads(2)
+
+
+def tiny(tmp_path, data, **kw) -> TrainConfig:
+    return TrainConfig(**dict(TINY, data=str(data), out=str(tmp_path / "run"), **kw))
+
+
+def scalars(run_dir, tag="train/loss") -> list[tuple[int, float]]:
+    acc = EventAccumulator(str(Path(run_dir) / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def launcher(out, data, *flags) -> list[str]:
+    return [sys.executable, str(REPO / "launchers" / "local.py"), *TINY_FLAGS, "--data", str(data), "--out",
+            str(out), *flags]
+
+
+SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # 1 thread: same sums every run
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=pytest.mark.dali)])
+def test_loop_runs_logs_every_tag_and_checkpoints(tmp_path, imagenette, backend):
+    if not available(backend) or not (REPO / "pipelines" / f"{backend}_backend.py").exists():
+        pytest.skip(f"backend {backend} not available here")
+    cfg = tiny(tmp_path, imagenette / "train", backend=backend, steps=4, ckpt_every=2, image_every=2, amp=True)
+    summary = run(cfg)
+    assert summary["status"] == "done" and summary["step"] == 4 and summary["skipped_steps"] == 0
+
+    acc = EventAccumulator(str(tmp_path / "run" / "tb"), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert set(TAGS) <= set(acc.Tags()["scalars"])
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in acc.Images("views")] == [2, 4]
+    acc_values = [e.value for e in acc.Scalars("probe/acc")]
+    assert all(0.0 <= a <= 1.0 for a in acc_values)
+    assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("perf/data_wait_frac"))
+    lrs = [e.value for e in acc.Scalars("train/lr")]
+    assert lrs[0] < lrs[1] or lrs[0] == pytest.approx(cfg.lr)  # warmup (10 % of 4 steps = 1 step) then cosine
+    assert lrs[-1] == pytest.approx(cfg.lr * 1e-3, rel=1e-3)  # cosine ends at lr/1000
+
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["arch"] == "vit_t" and saved["spec"]["global_size"] == 32 and saved["total_steps"] == 4
+
+    files = list_checkpoints(tmp_path / "run")
+    assert [f.name for f in files] == ["checkpoint_000002.pt", "checkpoint_000004.pt"]
+    ckpt = load_checkpoint(files[-1])
+    assert {"format", "step", "epoch", "step_in_epoch", "world_size", "config", "model", "optimizer", "scheduler",
+            "scaler", "probe", "rng", "code_version"} <= set(ckpt)
+    assert (ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"], ckpt["world_size"]) == (4, 0, 4, 1)
+    encoder, config = encoder_from_checkpoint(ckpt)
+    assert config["arch"] == "vit_t" and encoder.probe_features(torch.randn(1, 3, 32, 32)).shape == (1, 384)
+
+
+def test_loss_falls_on_a_fixed_small_set(tmp_path, imagenette):
+    small = tmp_path / "small"
+    for cls in sorted((imagenette / "train").iterdir())[:2]:
+        (small / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:16]:
+            (small / cls.name / f.name).symlink_to(f)
+    # 32 images, one batch: the same images (new augmentations) every step. λ 0.5 and 256 slices so the
+    # fall of SIGReg dominates the batch-to-batch noise; the prediction term rises as embeddings spread.
+    summary = run(tiny(tmp_path, small, steps=10, batch_size=32, ckpt_every=100, warmup=2, lambd=0.5, lr=5e-3,
+                       num_slices=256))
+    assert summary["status"] == "done"
+    loss = [v for _, v in scalars(tmp_path / "run")]
+    assert sum(loss[-3:]) / 3 < 0.8 * sum(loss[:3]) / 3, loss
+
+
+def test_nan_loss_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_path, imagenette, capsys):
+    # lr 1e30: the first update blows the weights up, every later step is non-finite.
+    summary = run(tiny(tmp_path, imagenette / "train", steps=20, lr=1e30, warmup=0, max_bad_steps=3,
+                       ckpt_every=100))
+    assert summary["status"] == "diverged" and summary["skipped_steps"] == 3 and summary["step"] == 4
+    err = capsys.readouterr().out
+    assert "non-finite" in err and "3 consecutive non-finite steps" in err
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["step"] == 4
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+
+def test_truncated_latest_checkpoint_is_reported_and_the_previous_used(tmp_path, imagenette, capsys):
+    run(tiny(tmp_path, imagenette / "train", steps=4, ckpt_every=2))
+    latest = tmp_path / "run" / "checkpoint_000004.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    with pytest.warns(UserWarning, match=r"checkpoint_000004\.pt is truncated or corrupt"):
+        summary = run(tiny(tmp_path, imagenette / "train", steps=5, ckpt_every=2))
+    assert "resumed from" in capsys.readouterr().out.split("checkpoint_000002.pt")[0]
+    assert summary["status"] == "done" and summary["step"] == 5
+    assert load_checkpoint(tmp_path / "run")["step"] == 5
+
+
+def test_resume_refuses_other_config_and_no_resume(tmp_path, imagenette):
+    run(tiny(tmp_path, imagenette / "train", steps=1, ckpt_every=1))
+    with pytest.raises(ValueError, match=r"lambd=0\.1 but this run has lambd=0\.3"):
+        run(tiny(tmp_path, imagenette / "train", steps=2, lambd=0.3))
+    with pytest.raises(ValueError, match=r"arch='vit_t' but this run has arch='vit_s'"):
+        run(tiny(tmp_path, imagenette / "train", steps=2, arch="vit_s"))
+    with pytest.raises(ValueError, match="already holds checkpoints and --no-resume"):
+        run(tiny(tmp_path, imagenette / "train", steps=2, resume=False))
+
+
+def test_preemption_signal_saves_and_chains_the_previous_handler(tmp_path, imagenette):
+    seen = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: seen.append(signum))
+    tb = tmp_path / "run" / "tb"
+
+    def send_when_training():  # the loop has started once the TensorBoard dir exists
+        deadline = time.time() + 120
+        while not tb.exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGUSR1)
+
+    sender = threading.Thread(target=send_when_training)
+    sender.start()
+    try:
+        summary = run(tiny(tmp_path, imagenette / "train", steps=500, ckpt_every=1000))
+    finally:
+        sender.join()
+        signal.signal(signal.SIGUSR1, previous)
+    assert summary["status"] == "preempted" and 0 < summary["step"] < 500
+    assert seen == [signal.SIGUSR1]  # our handler ran first (flag), then chained to the one before it
+    assert load_checkpoint(tmp_path / "run")["step"] == summary["step"]
+    resumed = run(tiny(tmp_path, imagenette / "train", steps=summary["step"] + 1,
+                       ckpt_every=1000))
+    assert resumed["status"] == "done" and resumed["step"] == summary["step"] + 1
+
+
+@pytest.mark.slow
+def test_exact_resume_after_kill_9(tmp_path, imagenette):
+    """kill -9 after a checkpoint, rerun the same command: train/loss bit-equal at every step."""
+    data, steps = imagenette / "train", "12"
+    ref = subprocess.run(launcher(tmp_path / "ref", data, "--steps", steps, "--ckpt-every", "3"),
+                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    cmd = launcher(out, data, "--steps", steps, "--ckpt-every", "3")
+    proc = subprocess.Popen(cmd, env=SUBPROCESS_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (out / "checkpoint_000003.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # let it log a step or two past the checkpoint (those events must be purged)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+
+    resumed = subprocess.run(cmd, env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stdout
+    for tag in ("train/loss", "train/pred", "train/sigreg", "probe/acc"):
+        assert scalars(out, tag) == scalars(tmp_path / "ref", tag), tag
+    assert [s for s, _ in scalars(out)] == list(range(1, 13))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path, imagenette):
+    data = imagenette / "train"
+    common = ["--steps", "3", "--no-amp", "--ckpt-every", "100"]
+    one = subprocess.run(launcher(tmp_path / "one", data, *common, "--batch-size", "16"), env=SUBPROCESS_ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run(launcher(tmp_path / "two", data, *common, "--batch-size", "8", "--nproc", "2"),
+                         env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert load_checkpoint(tmp_path / "two")["world_size"] == 2
+    for tag in ("train/loss", "train/pred", "train/sigreg"):
+        a, b = scalars(tmp_path / "one", tag), scalars(tmp_path / "two", tag)
+        assert [s for s, _ in a] == [s for s, _ in b] == [1, 2, 3]
+        # fp32; the only differences are summation order (all-reduce of moments, ECF and grads)
+        assert [v for _, v in b] == pytest.approx([v for _, v in a], rel=1e-4), tag
+
+
+# ------------------------------------------------------------------------------------------ bad flags
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--arch", "vit_q"], "unknown arch 'vit_q'; valid: vit_t, vit_s"),
+    (["--backend", "pil"], "unknown backend 'pil'; valid: auto, dali, ffcv, torchvision"),
+    (["--preset", "huge"], "unknown preset 'huge'; valid: seed, cpu-small"),
+    (["--data", "/no/such/dir"], "--data '/no/such/dir' does not exist"),
+    (["--lambd", "2"], "--lambd must be in [0, 1]"),
+    (["--arch", "resnet18", "--patch-size", "8"], "--patch-size only applies to ViT"),
+    (["--nproc", "0"], "--nproc must be >= 1"),
+])
+def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
+    assert launcher_main(["--out", str(tmp_path / "x"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+def test_data_dir_without_images_is_rejected(tmp_path, capsys):
+    (tmp_path / "empty" / "cls").mkdir(parents=True)
+    (tmp_path / "empty" / "cls" / "notes.txt").write_text("no images here")
+    assert launcher_main(["--data", str(tmp_path / "empty"), "--out", str(tmp_path / "x")]) == 2
+    assert "holds no image files" in capsys.readouterr().err
+
+
+def test_steps_and_epochs_are_exclusive(tmp_path):
+    with pytest.raises(SystemExit):
+        launcher_main(["--steps", "3", "--epochs", "1", "--out", str(tmp_path / "x")])
