@@ -161,8 +161,9 @@ def test_two_node_job_requeued_mid_run_resumes_from_its_checkpoint(jobs):
     first, second = loss_steps_per_attempt(out)
     log = run_log(out)
     assert "restart 1" in log and f"resumed from {out}/checkpoint_{last_ckpt:06d}.pt at step {last_ckpt}" in log
-    # The first attempt trained 1..k (k >= its last checkpoint: SIGTERM let it save where it stood)...
-    assert first == list(range(1, len(first) + 1)) and len(first) >= last_ckpt
+    # SIGTERM let the first attempt save where it stood (within KillWait), so it trained exactly 1..last_ckpt...
+    assert f"preempted at step {last_ckpt}: checkpoint written" in log
+    assert first == list(range(1, last_ckpt + 1))
     # ... and the second continued right after that checkpoint: no step up to it was trained twice.
     assert second == list(range(last_ckpt + 1, REQUEUE_STEPS + 1))
 

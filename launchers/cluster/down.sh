@@ -20,6 +20,14 @@ stop() {  # stop PIDFILE NAME: SIGTERM, wait up to 20 s, then SIGKILL; only the 
   rm -f "$pidfile"
 }
 
+# Cancel what is still queued or running while the controller can do it (slurmstepd outlives slurmd).
+if [ -s "$RUN/slurmctld.pid" ] && kill -0 "$(cat "$RUN/slurmctld.pid")" 2>/dev/null; then
+  jobs=$(SLURM_CONF=$STATE/etc/slurm.conf squeue -h -o %A 2>/dev/null || true)
+  if [ -n "$jobs" ]; then
+    SLURM_CONF=$STATE/etc/slurm.conf scancel $jobs || true
+    for _ in $(seq 1 60); do [ -z "$(SLURM_CONF=$STATE/etc/slurm.conf squeue -h -o %A 2>/dev/null)" ] && break; sleep 0.5; done
+  fi
+fi
 if [ -d "$RUN" ]; then
   for f in "$RUN"/slurmd-*.pid; do [ -e "$f" ] && stop "$f" "$(basename "$f" .pid)"; done
   stop "$RUN/slurmctld.pid" slurmctld
