@@ -96,6 +96,7 @@ def test_loop_runs_logs_every_tag_and_checkpoints(tmp_path, imagenette, backend)
     assert config["arch"] == "vit_t" and encoder.probe_features(torch.randn(1, 3, 32, 32)).shape == (1, 384)
 
 
+@pytest.mark.slow
 def test_loss_falls_on_a_fixed_small_set(tmp_path, imagenette):
     small = tmp_path / "small"
     for cls in sorted((imagenette / "train").iterdir())[:2]:
