@@ -1,0 +1,377 @@
+"""FFCV backend: multi-crop views from a `.beton` (written by pipelines/convert_ffcv.py).
+
+One custom FFCV decoder (`MultiCropDecoder`) decodes each JPEG once and writes every view of the recipe:
+crop + resize (FFCV's libffcv, OpenCV INTER_AREA), flip, colour jitter, grayscale, blur, solarize and
+normalise (numba kernels in pipelines/ffcv_ops.py) straight into one float buffer per batch whose first
+part is the contiguous global block [B,G,3,H,W] and the rest the local block [B,L,3,h,w].
+
+On CUDA the decoder stops after crop + resize + flip (uint8), FFCV moves the batch with
+`ToDevice(non_blocking=True)`, and the colour ops run batched on the GPU (pipelines/ffcv_gpu.py) with the
+very same per-view random parameters.
+
+The pipeline, as FFCV declares it (ffcv-imagenet style):
+    image -> MultiCropDecoder(spec, seed, uint8=on_gpu) [-> ToTensor -> ToDevice(device, non_blocking)]
+    label -> LabelKeyDecoder  (label, key) where key = epoch << 40 | sample index
+
+Randomness and order: our own traversal order hands FFCV keys instead of bare indices (the decoders mask
+the epoch off), so every random choice is a hash of (seed, epoch, sample index) -- exact resume, same views
+whatever the rank, batch or thread. Sharding/shuffling is `sources.epoch_batches`, shared with the other
+backends (`order="random"`), or a page-local shuffle (`order="quasi_random"`) for datasets that do not fit
+in the page cache.
+
+Deviations from torchvision (the reference backend): the crop is resized with OpenCV INTER_AREA instead of
+antialiased bilinear, and colour ops run in float32 without rounding to uint8 between ops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipelines.batch import Batch
+from pipelines.ffcv_ops import EPOCH_SHIFT, view_layout, INDEX_MASK, batch_view_params, make_key, render_views, spec_vector
+from pipelines.sources import epoch_batches, steps_per_epoch
+from pipelines.spec import MultiCropSpec
+
+IMAGE_FIELD, LABEL_FIELD = "image", "label"
+ORDERS = ("random", "quasi_random")
+
+
+def open_beton(path: str | os.PathLike):
+    """FFCV Reader of `path`, with clear errors for a missing/non-.beton file or unexpected fields."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.reader import Reader
+
+    path = Path(path)
+    if path.suffix != ".beton":
+        raise ValueError(f"FFCV source {str(path)!r} is not a .beton file (convert with pipelines/convert_ffcv.py)")
+    if not path.is_file():
+        raise ValueError(f"FFCV source {str(path)!r} does not exist")
+    try:
+        reader = Reader(str(path))
+    except Exception as e:  # FFCV raises assorted errors (AssertionError, IndexError) on a foreign file
+        raise ValueError(f"FFCV source {str(path)!r} is not a readable .beton ({type(e).__name__}: {e})") from e
+    fields = {name: type(h).__name__ for name, h in reader.handlers.items()}
+    if not isinstance(reader.handlers.get(IMAGE_FIELD), RGBImageField):
+        raise ValueError(f"FFCV source {str(path)!r}: needs an RGBImageField named {IMAGE_FIELD!r}; it has {fields}")
+    if not isinstance(reader.handlers.get(LABEL_FIELD), IntField):
+        raise ValueError(f"FFCV source {str(path)!r}: needs an IntField named {LABEL_FIELD!r}; it has {fields}")
+    if reader.num_samples == 0:
+        raise ValueError(f"FFCV source {str(path)!r} holds no samples")
+    return reader
+
+
+def _view_layout(spec: MultiCropSpec) -> tuple[int, int]:
+    """Elements per sample of the global and the local block."""
+    return view_layout(spec_vector(spec))
+
+
+def split_views(flat: torch.Tensor, count: int, spec: MultiCropSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """[count * (Dg + Dl)] buffer -> contiguous global [B,G,3,H,W] and local [B,L,3,h,w] views of it."""
+    dg, _ = _view_layout(spec)
+    flat = flat.reshape(-1)
+    g = flat[: count * dg].view(count, spec.global_views, 3, spec.global_size, spec.global_size)
+    loc = flat[count * dg:].view(count, spec.local_views, 3, spec.local_size, spec.local_size)
+    return g, loc
+
+
+_LIBFFCV_JIT: list = []
+
+
+def _libffcv_jit():
+    """FFCV's imdecode / crop-resize as numba functions, made once per process: a new dispatcher per
+    Loader would make numba recompile render_views for each one."""
+    from ffcv.libffcv import imdecode, resize_crop
+    from numba import njit
+
+    if not _LIBFFCV_JIT:
+        _LIBFFCV_JIT.extend([njit(nogil=True)(imdecode), njit(nogil=True)(resize_crop)])
+    return _LIBFFCV_JIT
+
+
+def _decoder_classes():
+    """FFCV Operations, defined lazily so that importing this module does not need ffcv."""
+    from ffcv.fields.rgb_image import IMAGE_MODES
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+    from ffcv.pipeline.operation import Operation
+
+    class MultiCropDecoder(Operation):
+        """Decode each JPEG once and write all views of the recipe (module docstring)."""
+
+        def __init__(self, spec: MultiCropSpec, seed: int, uint8: bool):
+            super().__init__()
+            self.spec, self.seed, self.uint8 = spec, seed, uint8
+
+        def declare_state_and_memory(self, previous_state):
+            dg, dl = _view_layout(self.spec)
+            if not self.uint8:
+                # Fresh output array per batch (allocated in `decode`): the Batch owns its memory and stays
+                # valid however long the trainer keeps it; FFCV's ring buffer would be rewritten 2 batches on.
+                return replace(previous_state, jit_mode=True, shape=(dg + dl,), dtype=np.dtype("float32")), None
+            # uint8 views go to the GPU: write into FFCV's pinned ring buffer, FFCV's CUDA events guard reuse.
+            shape = (dg + dl,)
+            return (replace(previous_state, jit_mode=True, shape=shape, dtype=np.dtype("uint8")),
+                    AllocationQuery(shape, np.dtype("uint8")))
+
+        def generate_code(self):
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            imdecode_c, resize_c = _libffcv_jit()
+            dg, dl = _view_layout(self.spec)
+            seed, sv = np.uint64(self.seed), spec_vector(self.spec)
+            index_mask = np.uint64(INDEX_MASK)
+            jpg = IMAGE_MODES["jpg"]
+
+            def decode_one(b, key, count, metadata, storage_state, out_f32, out_u8):
+                field = metadata[key & index_mask]
+                height, width = np.int64(field["height"]), np.int64(field["width"])
+                data = mem_read(field["data_ptr"], storage_state)
+                # 3-d buffers only: FFCV's OSCacheManager.state_type flips numba's *interned* uint8[::1] type
+                # to read-only, so later-compiled code cannot write through any 1-d uint8 array.
+                src = np.empty((height, width, 3), np.uint8)
+                if field["mode"] == jpg:
+                    imdecode_c(data, src, height, width, height, width, 0, 0, 1, 1, False, False)
+                else:  # raw pixels
+                    for y in range(height):
+                        for x in range(width):
+                            for c in range(3):
+                                src[y, x, c] = data[(y * width + x) * 3 + c]
+                render_views(src, key, b, count, seed, sv, out_f32, out_u8, resize_c)
+
+            decode_one = Compiler.compile(decode_one)
+
+            if self.uint8:
+                def decode(batch_indices, destination, metadata, storage_state):
+                    count = len(batch_indices)
+                    out_u8 = destination.reshape(count * (dg + dl), 1)  # 2-d on purpose, see decode_one
+                    out_f32 = np.empty(0, np.float32)
+                    for b in my_range(count):
+                        decode_one(b, np.uint64(batch_indices[b]), count, metadata, storage_state, out_f32, out_u8)
+                    return destination[:count]
+            else:
+                def decode(batch_indices, destination, metadata, storage_state):
+                    count = len(batch_indices)
+                    out_f32 = np.empty(count * (dg + dl), np.float32)
+                    out_u8 = np.empty((0, 1), np.uint8)
+                    for b in my_range(count):
+                        decode_one(b, np.uint64(batch_indices[b]), count, metadata, storage_state, out_f32, out_u8)
+                    return out_f32.reshape(count, dg + dl)
+
+            decode.is_parallel = True
+            return decode
+
+    class LabelKeyDecoder(Operation):
+        """label field -> fresh int64 [B, 2] of (label, key): the key tells the GPU path which sample and
+        epoch each row is (to draw the same random parameters), and the tests which samples they got."""
+
+        def declare_state_and_memory(self, previous_state):
+            return replace(previous_state, jit_mode=True, shape=(2,), dtype=np.dtype("int64")), None
+
+        def generate_code(self):
+            index_mask = np.uint64(INDEX_MASK)
+
+            def decode(batch_indices, destination, metadata, storage_state):
+                out = np.empty((len(batch_indices), 2), np.int64)
+                for b in range(len(batch_indices)):
+                    key = np.uint64(batch_indices[b])
+                    out[b, 0] = metadata[key & index_mask]
+                    out[b, 1] = np.int64(key)
+                return out
+
+            return decode
+
+    return MultiCropDecoder, LabelKeyDecoder
+
+
+class _KeyOrder:
+    """FFCV traversal order that returns the keys we set before each epoch. (FFCV 1.0.2's Loader cannot
+    take a custom TraversalOrder class -- it calls `order(self)` on an instance -- so we swap it in.)"""
+
+    def __init__(self) -> None:
+        self.keys = np.zeros(0, np.uint64)
+
+    def sample_order(self, epoch: int) -> np.ndarray:
+        return self.keys
+
+
+def quasi_random_order(page_to_samples: dict, n: int, seed: int, epoch: int, window: int = 8) -> np.ndarray:
+    """A permutation that reads the file a few pages at a time: shuffle the pages, then the samples
+    within each window of `window` consecutive (shuffled) pages."""
+    rng = np.random.default_rng([seed, epoch, 1])
+    pages = sorted(page_to_samples)
+    pages = [pages[k] for k in rng.permutation(len(pages))]
+    seen, parts = set(), []
+    for w in range(0, len(pages), window):
+        group = sorted({s for p in pages[w:w + window] for s in page_to_samples[p]} - seen)
+        seen.update(group)  # a sample spanning two pages is taken once
+        parts.append(rng.permutation(np.asarray(group, np.int64)))
+    order = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    missing = np.setdiff1d(np.arange(n), order)  # samples with no data pages (should not happen)
+    return np.concatenate([order, missing])
+
+
+def _next_output(iterator):
+    """FFCV's EpochIterator.__next__ (None at the end of the epoch), except that an exception in FFCV's
+    thread raises here instead of leaving the consumer waiting forever on the queue."""
+    while True:
+        try:
+            item = iterator.output_queue.get(timeout=0.5)
+            break
+        except queue.Empty:
+            if not iterator.is_alive() and iterator.output_queue.empty():
+                raise RuntimeError("FFCV's loader thread died (its traceback is printed above)") from None
+    if item is None:
+        return None
+    slot, result = item
+    if torch.cuda.is_available():  # FFCV ran this batch on its own stream
+        torch.cuda.current_stream().wait_stream(iterator.cuda_streams[slot])
+    return result
+
+
+class FFCVLoader:
+    """The Loader protocol of pipelines/__init__.py over an FFCV `Loader` (see module docstring)."""
+
+    def __init__(self, path, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
+                 drop_last: bool = True, order: str = "random", batches_ahead: int = 2):
+        from ffcv.loader import Loader, OrderOption
+        from ffcv.pipeline import PipelineSpec
+        from ffcv.transforms import ToDevice, ToTensor
+
+        if order not in ORDERS:
+            raise ValueError(f"FFCV order {order!r}: valid are {ORDERS}")
+        reader = open_beton(path)
+        self.path, self.spec, self.batch_size, self.device = str(path), spec, batch_size, torch.device(device)
+        self.rank, self.world_size, self.seed, self.drop_last, self.order = rank, world_size, seed, drop_last, order
+        self.num_samples = int(reader.num_samples)
+        labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
+        self.num_classes = int(labels.max()) + 1 if len(labels) else 0
+        image_meta = reader.metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
+        self._heights = image_meta["height"].astype(np.int64)
+        self._widths = image_meta["width"].astype(np.int64)
+        if steps_per_epoch(self.num_samples, batch_size, world_size, drop_last) == 0:
+            raise ValueError(f"FFCV source {self.path!r}: {self.num_samples} samples < one global batch "
+                             f"({batch_size} x {world_size} ranks) with drop_last")
+        self.gpu = self.device.type == "cuda"
+        MultiCropDecoder, LabelKeyDecoder = _decoder_classes()
+        to_gpu = [ToTensor(), ToDevice(self.device, non_blocking=True)] if self.gpu else []
+        pipelines = {name: None for name in reader.field_names}  # other fields: not decoded
+        pipelines[IMAGE_FIELD] = PipelineSpec(IMAGE_FIELD, MultiCropDecoder(spec, seed, uint8=self.gpu), to_gpu)
+        pipelines[LABEL_FIELD] = PipelineSpec(LABEL_FIELD, LabelKeyDecoder())
+        workers = num_workers if num_workers and num_workers > 0 else min(os.cpu_count() or 1, 8)
+        self._keys = _KeyOrder()
+        # Building the Loader compiles the numba pipeline (~10 s cold; kernels are cached on disk).
+        self._loader = Loader(self.path, batch_size=batch_size, num_workers=workers, os_cache=True,
+                              order=OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=drop_last,
+                              batches_ahead=batches_ahead)
+        self._loader.traversal_order = self._keys
+        outputs = list(self._loader.pipeline_specs)
+        self._image_pos, self._label_pos = outputs.index(IMAGE_FIELD), outputs.index(LABEL_FIELD)
+        self._sv = spec_vector(spec)
+        self._running = None
+        self.batch_indices = np.zeros(0, np.int64)  # dataset indices of the batch last handed out
+        self.set_epoch(epoch)
+
+    # ---- Loader protocol --------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return steps_per_epoch(self.num_samples, self.batch_size, self.world_size, self.drop_last)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step={start_step} outside the epoch's {len(self)} steps")
+        self.close()
+        self.epoch, self.start_step = int(epoch), int(start_step)
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> list[np.ndarray]:
+        """This rank's sample indices per step (pure function of seed, epoch, rank, world_size)."""
+        args = (self.batch_size, self.rank, self.world_size, self.seed, epoch)
+        if self.order == "random":
+            return epoch_batches(self.num_samples, *args, start_step=start_step, drop_last=self.drop_last)
+        perm = quasi_random_order(self._loader.memory_manager.page_to_samples, self.num_samples, self.seed, epoch)
+        # Same step/rank slicing as sources.epoch_batches, applied to the page-local permutation.
+        per_step = self.batch_size * self.world_size
+        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
+        batches = [perm[s * per_step + lo: s * per_step + hi] for s in range(self.num_samples // per_step)]
+        tail = perm[len(batches) * per_step:][self.rank::self.world_size]
+        if not self.drop_last and len(tail):
+            batches.append(tail)
+        return batches[start_step:]
+
+    def __iter__(self):
+        self.close()
+        epoch, start = self.epoch, self.start_step
+        batches = self.epoch_batches(epoch, start)
+        if not batches:
+            return
+        self._keys.keys = make_key(epoch, np.concatenate(batches))
+        # The last batch may be short (drop_last=False); FFCV cuts the key list into batch_size chunks.
+        iterator = self._running = iter(self._loader)
+        try:
+            for step in itertools.count(start):
+                out = _next_output(iterator)
+                if out is None:
+                    break
+                batch = self._to_batch(out[self._image_pos], out[self._label_pos])
+                self.start_step = step + 1  # where a checkpoint taken after this batch resumes
+                yield batch
+            self.epoch, self.start_step = epoch + 1, 0
+        finally:  # also runs when the consumer drops the generator mid-epoch
+            self.close()
+
+    def _to_batch(self, images, label_keys: np.ndarray) -> Batch:
+        count = len(label_keys)
+        keys = label_keys[:, 1].astype(np.uint64)
+        self.batch_indices = (keys & np.uint64(INDEX_MASK)).astype(np.int64)
+        labels = torch.from_numpy(label_keys[:, 0].copy())
+        if not self.gpu:
+            g, loc = split_views(torch.from_numpy(images), count, self.spec)
+            return Batch(g, loc, labels.to(self.device))
+        from pipelines.ffcv_gpu import augment_views
+
+        params = batch_view_params(np.uint64(self.seed), keys, self._heights[self.batch_indices],
+                                   self._widths[self.batch_indices], self._sv)
+        params = torch.from_numpy(params).to(self.device, non_blocking=True)
+        g8, l8 = split_views(images, count, self.spec)
+        G = self.spec.global_views
+        g = augment_views(g8, params[:, :G], self.spec, self.spec.global_size)
+        loc = augment_views(l8, params[:, G:], self.spec, self.spec.local_size)
+        return Batch(g, loc, labels.to(self.device, non_blocking=True))
+
+    def close(self) -> None:
+        """Stop FFCV's worker thread now. (Dropping its iterator is not enough: the thread keeps decoding
+        until its queue is full, and blocks forever on a full queue when the epoch ends.)"""
+        it, self._running = self._running, None
+        if it is None:
+            return
+        it.iter_ixes = iter(())  # no further batches are started
+        it.terminate_event.set()
+        while it.is_alive():
+            while not it.output_queue.empty():
+                it.output_queue.get_nowait()
+            it.join(timeout=0.05)
+        it.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def build(source, spec: MultiCropSpec, batch_size: int = 64, device=None, rank: int = 0, world_size: int = 1,
+          seed: int = 0, epoch: int = 0, num_workers: int | None = None, drop_last: bool = True,
+          order: str = "random") -> FFCVLoader:
+    """`pipelines.build_loader(..., backend="ffcv")`: a multi-crop loader over a `.beton`."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return FFCVLoader(source, spec, batch_size, device, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
+                      num_workers=num_workers, drop_last=drop_last, order=order)
+
+
+__all__ = ["build", "FFCVLoader", "open_beton", "split_views", "quasi_random_order", "EPOCH_SHIFT"]
