@@ -15,23 +15,24 @@ config with the same --out, and the trainer resumes from its latest checkpoint t
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import dataclasses
+import itertools
 import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 # The trainer catches SIGTERM and SIGUSR1 (trainer contract); submitit's own default is SIGUSR2. Set before
 # submitit is imported: it reads the variable at import, both here (for `#SBATCH --signal`) and in the job.
 os.environ["SUBMITIT_PREEMPT_SIGNAL"] = "USR1"
-
-import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
-import itertools  # noqa: E402
-import re  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
+if __package__ in (None, ""):  # `python launchers/slurm.py` from a checkout: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import submitit  # noqa: E402
 from submitit.slurm.slurm import _make_sbatch_string  # noqa: E402  (the function submitit submits with)
@@ -122,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-_TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")
+_TIME = re.compile(r"^(?:(?P<d>\d+)-(?P<dh>\d+)(?::(?P<dm>\d+)(?::(?P<ds>\d+))?)?"  # D-HH[:MM[:SS]]
+                   r"|(?P<a>\d+)(?::(?P<b>\d+)(?::(?P<c>\d+))?)?)$")  # MM | MM:SS | HH:MM:SS
 
 
 def parse_time(text: str) -> int:
@@ -151,9 +153,10 @@ def parse_mem_gb(text: str) -> float:
     return float(m.group(1)) * scale
 
 
-def parse_array(items: list[str], parser: argparse.ArgumentParser) -> list[list[tuple[str, str]]]:
+def parse_array(items: list[str]) -> list[list[tuple[str, str]]]:
     """['lambd=0.02,0.05', 'lr=1e-3,2e-3'] -> the grid of (flag, value) assignments, one list per member."""
-    flags = {opt for action in parser._actions for opt in action.option_strings}
+    training = add_config_args(argparse.ArgumentParser(add_help=False))
+    flags = {opt for action in training._actions for opt in action.option_strings}
     axes = []
     for item in items:
         name, sep, values = item.partition("=")
@@ -179,7 +182,7 @@ def build_configs(args: argparse.Namespace, argv: list[str], parser: argparse.Ar
         configs = [dataclasses.replace(base, out=str(out))]
     else:
         configs = []
-        for assignments in parse_array(args.array, parser):
+        for assignments in parse_array(args.array):
             extra = [x for pair in assignments for x in pair]
             try:
                 member_args = parser.parse_args(argv + extra)
@@ -355,15 +358,16 @@ def main(argv: list[str] | None = None) -> int:
         with executor.batch() if len(configs) > 1 else contextlib.nullcontext():
             jobs = [executor.submit(TrainTask(cfg)) for cfg in configs]
     except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as e:
-        print(f"slurm.py: error: sbatch refused the job: {str(e).strip()}", file=sys.stderr)
+        hint = " (no GPUs on this cluster? --gpus-per-node 0 runs CPU tasks)" if "gres" in str(e) else ""
+        print(f"slurm.py: error: sbatch refused the job: {str(e).strip()}{hint}", file=sys.stderr)
         return 2
 
-    tasks = params["ntasks_per_node"] * params["nodes"]
+    world = params["ntasks_per_node"] * params["nodes"]
+    devices = f"{params['gpus_per_node']} GPU(s)/node" if "gpus_per_node" in params else "CPU tasks"
     for job, cfg in zip(jobs, configs):
         stdout, stderr = log_paths(job)
         print(f"submitted job {job.job_id}: {params['nodes']} node(s) x {params['ntasks_per_node']} task(s) "
-              f"= world size {tasks}{', ' + str(params.get('gpus_per_node', 0)) + ' GPU(s)/node' if params.get('gpus_per_node') else ' (CPU)'}\n"
-              f"  out:  {cfg.out}\n  log:  {stdout}\n  err:  {stderr}")
+              f"= world size {world}, {devices}\n  out:  {cfg.out}\n  log:  {stdout}\n  err:  {stderr}")
     print(f"monitor: squeue -j {jobs[0].job_id.split('_')[0]}    tail -f {log_paths(jobs[0])[0]}\n"
           f"tensorboard --logdir {folder.parent}")
     if not args.wait:

@@ -285,8 +285,9 @@ def test_unreachable_controller_points_to_the_local_cluster_script(cluster, caps
 
 def test_wait_reports_a_job_that_fails_on_its_node(cluster, imagenette, tmp_path):
     # 5000 training images and a batch of 6000 per rank: valid flags, but the trainer finds no full batch.
-    p = subprocess.run([sys.executable, LAUNCHER, *train_flags(imagenette, tmp_path, 2, nodes=1, **{"batch-size": 6000}),
-                        "--wait"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    flags = train_flags(imagenette, tmp_path, 2, nodes=1, **{"batch-size": 6000})
+    p = subprocess.run([sys.executable, LAUNCHER, *flags, "--wait"], capture_output=True, text=True, timeout=300,
+                       cwd=REPO)
     assert p.returncode == 1
     assert re.search(r"job \d+ FAILED \(state FAILED\)", p.stderr), p.stderr
     assert f"log: {tmp_path}/slurm/" in p.stderr and "ValueError" in p.stderr  # the node's traceback, last line
