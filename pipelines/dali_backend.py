@@ -86,26 +86,28 @@ def crop_params(rng: np.random.Generator, height: int, width: int, scale, ratio)
 
 
 def draw_view(rng: np.random.Generator, spec: MultiCropSpec, height: int, width: int, size: int, scale) -> dict:
-    """All random choices of one view (torchvision's probabilities and ranges)."""
+    """All random choices of one view (torchvision's probabilities and ranges). Every draw is made
+    whatever the probabilities, so switching one op off in the spec leaves the others' choices intact."""
     y, x, h, w = crop_params(rng, height, width, scale, spec.ratio)
-    p = {"start": (y, x), "shape": (h, w), "flip": int(rng.random() < spec.flip_p)}
-    jitter = rng.random() < spec.jitter_p
-    b, c, s, hue = 1.0, 1.0, 1.0, 0.0
-    if jitter:
-        b = rng.uniform(max(0.0, 1 - spec.brightness), 1 + spec.brightness)
-        c = rng.uniform(max(0.0, 1 - spec.contrast), 1 + spec.contrast)
-        s = rng.uniform(max(0.0, 1 - spec.saturation), 1 + spec.saturation)
-        hue = rng.uniform(-spec.hue, spec.hue) * 360.0
-    grey = rng.random() < spec.grayscale_p
-    blur = rng.random() < spec.blur_p
-    sigma = rng.uniform(*spec.blur_sigma) if blur else spec.blur_sigma[0]
+    u = rng.random(5)  # flip, jitter, grey, blur, solarize coins
+    b, c, s, hue, sigma = rng.random(5)
+    jitter, grey, blur = u[1] < spec.jitter_p, u[2] < spec.grayscale_p, u[3] < spec.blur_p
+    p = {"start": (y, x), "shape": (h, w), "flip": int(u[0] < spec.flip_p)}
+
+    def factor(strength: float, u01: float) -> float:  # torchvision: uniform in [max(0, 1 - x), 1 + x]
+        lo = max(0.0, 1.0 - strength)
+        return lo + (1.0 + strength - lo) * u01 if jitter else 1.0
+
+    b, c, s = factor(spec.brightness, b), factor(spec.contrast, c), factor(spec.saturation, s)
+    hue = spec.hue * (2 * hue - 1) * 360.0 if jitter else 0.0  # fraction of a turn -> degrees
+    sigma = spec.blur_sigma[0] + (spec.blur_sigma[1] - spec.blur_sigma[0]) * sigma
     colour = jitter or grey
     small = h * w < size * size
     p.update(
         jitter=jitter, brightness=b, contrast=c, hue=hue, saturation=0.0 if grey else s,
         color_first=colour and small, color_after=colour and not small, blur=blur, sigma=sigma,
         window=min(spec.blur_kernel(size), 2 * math.ceil(3 * sigma) + 1),
-        solarize=rng.random() < spec.solarize_p and spec.solarize_threshold <= 255,
+        solarize=u[4] < spec.solarize_p and spec.solarize_threshold <= 255,
     )
     return p
 
@@ -227,6 +229,11 @@ class DaliLoader:
         pipe.build()
         return pipe
 
+    def _to_torch(self, out) -> torch.Tensor:
+        # The views were stacked in the graph: one contiguous tensor per output. On the GPU, torch passes
+        # its current stream to __dlpack__, so the training stream waits for DALI's work (no host sync).
+        return torch.from_dlpack(out.as_tensor())
+
     def __iter__(self):
         self._plan = epoch_batches(len(self.source), self.batch_size, self.rank, self.world_size, self.seed,
                                    self.epoch, self.start_step, drop_last=self.drop_last)
@@ -235,9 +242,6 @@ class DaliLoader:
             self._pipe = None  # a pass left mid-way holds stale prefetched batches: rebuild (~1.5 s)
             self._pipe = self._build()
         self._exhausted = False
-        from nvidia.dali.plugin.pytorch import feed_ndarray
-
-        stream = torch.cuda.current_stream(self.device) if self.gpu else None
         while True:
             try:
                 outs = self._pipe.run()
@@ -245,13 +249,9 @@ class DaliLoader:
                 self._pipe.reset()
                 self._exhausted = True
                 return
-            tensors = []
-            for out in outs:
-                t = out.as_tensor()
-                dst = torch.empty(t.shape(), dtype=torch.float32 if len(t.shape()) > 1 else torch.int64,
-                                  device=self.device)
-                feed_ndarray(t, dst, cuda_stream=stream)  # one copy into torch-owned memory (device->device)
-                tensors.append(dst)
+            # Dynamic executor: outputs are reference-counted, so DLPack hands the stacked views to torch
+            # without a copy and DALI will not reuse that memory while the tensor lives.
+            tensors = [self._to_torch(out) for out in outs]
             g, loc, labels = tensors
             if not self.spec.local_views:
                 s = self.spec.local_size

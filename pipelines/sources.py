@@ -241,18 +241,23 @@ def _to_rgb(img) -> "PIL.Image.Image":  # noqa: F821
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
-    """Decode to HWC uint8 RGB (PIL/libjpeg-turbo), converting odd modes; BadImage if impossible."""
+def decode_pil(data: bytes, name: str = "<bytes>") -> "PIL.Image.Image":  # noqa: F821
+    """Decode to an RGB PIL image (libjpeg-turbo), converting odd modes; BadImage if impossible."""
     from PIL import Image, UnidentifiedImageError
 
     if not data:
         raise BadImage(f"{name}: zero-byte file")
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()  # truncated files raise here (LOAD_TRUNCATED_IMAGES stays False)
-            return np.array(_to_rgb(img))  # writable copy (torch.from_numpy needs one)
+        img = Image.open(io.BytesIO(data))
+        img.load()  # truncated files raise here (LOAD_TRUNCATED_IMAGES stays False)
+        return _to_rgb(img)
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"{name}: {type(e).__name__}: {e}") from e
+
+
+def decode_rgb(data: bytes, name: str = "<bytes>") -> np.ndarray:
+    """Decode to a writable HWC uint8 RGB array (see `decode_pil`)."""
+    return np.array(decode_pil(data, name))
 
 
 _JPEG_SOI, _JPEG_EOI = b"\xff\xd8", b"\xff\xd9"

@@ -1,0 +1,444 @@
+"""Multi-crop pipelines on real JPEGs (imagenette160): DALI (its CPU graph; the GPU graph needs CUDA) and the
+torchvision reference. Statistical checks use a 4-sigma binomial tolerance."""
+
+from __future__ import annotations
+
+import io
+import math
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+import pipelines
+from pipelines import SPEC_PRESETS, MultiCropSpec, build_loader
+from pipelines.sources import check_encoded, decode_rgb, epoch_batches, open_source, sample_seed
+
+torch.set_num_threads(1)  # several OpenMP threads on 2 busy cores slow small convs down 40x
+SMALL = SPEC_PRESETS["cpu-small"]
+BACKENDS = [pytest.param("dali", marks=pytest.mark.dali), "torchvision"]
+dali_only = pytest.mark.skipif(not pipelines.available("dali"), reason="nvidia-dali not installed")
+
+
+@pytest.fixture(scope="module")
+def small_folder(imagenette, tmp_path_factory) -> Path:
+    """96 real JPEGs in 3 classes (imagenette160/val), small enough for full epochs in tests."""
+    root = tmp_path_factory.mktemp("small")
+    for cls in sorted((imagenette / "val").iterdir())[:3]:
+        (root / cls.name).mkdir()
+        for f in sorted(cls.glob("*.jpg"))[:32]:
+            shutil.copy(f, root / cls.name / f.name)
+    return root
+
+
+def loader(source, spec, backend, batch_size=32, **kw):
+    # torchvision in-process by default: worker start-up would dominate these tiny runs (tests that are
+    # about workers ask for them)
+    kw.setdefault("num_workers", 2 if backend == "dali" else 0)
+    if backend == "dali" and not pipelines.available("dali"):
+        pytest.skip("nvidia-dali not installed")
+    return build_loader(source, spec, backend=backend, batch_size=batch_size, device="cpu", **kw)
+
+
+def first(ld):
+    return next(iter(ld))
+
+
+def pixels(views: torch.Tensor, spec: MultiCropSpec) -> torch.Tensor:
+    """Normalised views [..., 3, H, W] -> uint8-scale floats (0..255)."""
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    return (views * std + mean) * 255
+
+
+def all_views(batch, spec) -> list[torch.Tensor]:
+    """Every view of a batch as 0..255 [3, h, w] tensors (globals, then locals, sample by sample)."""
+    out = []
+    for b in range(batch.labels.shape[0]):
+        out += list(pixels(batch.global_views[b], spec)) + list(pixels(batch.local_views[b], spec))
+    return out
+
+
+def within_binomial(hits: int, n: int, p: float, sigmas: float = 4.0) -> bool:
+    return abs(hits / n - p) <= sigmas * math.sqrt(p * (1 - p) / n) + 1e-9
+
+
+# ------------------------------------------------------------------------------------------------
+# Shapes, dtypes, normalisation
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shapes_dtypes_normalisation(backend, small_folder):
+    ld = loader(small_folder, SMALL, backend)
+    assert len(ld) == 96 // 32 and ld.num_classes == 3
+    b = first(ld)
+    assert b.global_views.shape == (32, 2, 3, 64, 64) and b.local_views.shape == (32, 6, 3, 32, 32)
+    assert b.global_views.dtype == b.local_views.dtype == torch.float32 and b.labels.dtype == torch.int64
+    assert set(b.labels.tolist()) <= {0, 1, 2}
+    for v in (b.global_views, b.local_views):
+        px = pixels(v, SMALL)
+        assert px.min() >= -1.0 and px.max() <= 256.0  # de-normalises into the uint8 range
+        assert abs(v.mean().item()) < 0.6 and 0.5 < v.std().item() < 1.6  # ImageNet mean/std applied
+
+
+def test_seed_recipe_full_size(small_folder):
+    """The one test on the full seed recipe (2x224 + 6x98), both backends, a batch of 4."""
+    seed = SPEC_PRESETS["seed"]
+    for backend in ("dali", "torchvision"):
+        if not pipelines.available(backend):
+            continue
+        b = first(loader(small_folder, seed, backend, batch_size=2))
+        assert b.global_views.shape == (2, 2, 3, 224, 224) and b.local_views.shape == (2, 6, 3, 98, 98)
+        assert torch.isfinite(b.global_views).all() and torch.isfinite(b.local_views).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Rate of each random op, with the other ops off: detected by comparing each view with the same view
+# drawn with that op off (same seed -> same crop).
+
+OPS = {  # op -> spec changes that switch it on at the seed recipe's probability
+    "flip": dict(flip_p=0.5),
+    "jitter": dict(jitter_p=0.8),
+    "grayscale": dict(grayscale_p=0.2),
+    "blur": dict(blur_p=0.5),
+    "solarize": dict(solarize_p=0.2),
+}
+# Blur sigma >= 1 so that every blurred view differs from the sharp one (sigma 0.1 is invisible in uint8).
+RATE_BASE = SMALL.without_randomness().replace(blur_sigma=(1.0, 2.0))
+
+
+def detect(op: str, x: torch.Tensor, ref: torch.Tensor, spec: MultiCropSpec) -> bool | None:
+    """Was `op` applied to view x (0..255), given the same view with the op off? None = undecidable."""
+    changed = (x - ref).abs().max().item() > 1.5
+    if op == "flip":
+        return (x - ref.flip(-1)).abs().max().item() < 1.5 and changed
+    if op == "grayscale":
+        if (ref.max(0).values - ref.min(0).values).max() <= 2.5:
+            return None  # the view is grey already
+        return (x.max(0).values - x.min(0).values).max().item() <= 2.5
+    if op == "solarize":
+        if ref.round().max() < spec.solarize_threshold:
+            return None  # no pixel to invert
+    return changed
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_random_op_rates(backend, imagenette):
+    # torchvision draws all views of a sample from one RNG stream; ops that draw parameters only when
+    # applied (jitter, blur) would shift the next view's crop, so its base has a single view.
+    base = RATE_BASE if backend == "dali" else RATE_BASE.replace(global_views=1, local_views=0)
+    n_samples = 48 if backend == "dali" else 256
+    src = imagenette / "val"
+    ref = all_views(first(loader(src, base, backend, batch_size=n_samples)), base)
+    failures = []
+    for op, change in OPS.items():
+        spec = base.replace(**change)
+        got = all_views(first(loader(src, spec, backend, batch_size=n_samples)), spec)
+        verdicts = [d for d in (detect(op, x, r, spec) for x, r in zip(got, ref)) if d is not None]
+        p = next(iter(change.values()))
+        hits = sum(verdicts)
+        if not within_binomial(hits, len(verdicts), p):
+            failures.append(f"{op}: {hits}/{len(verdicts)} = {hits / len(verdicts):.3f}, p = {p}")
+    assert not failures, failures
+
+
+# ------------------------------------------------------------------------------------------------
+# Crop geometry and DALI's agreement with torchvision's maths
+
+
+@dali_only
+def test_crop_params_respect_scale_and_ratio():
+    from pipelines.dali_backend import crop_params
+
+    rng = np.random.default_rng(0)
+    for scale in (SMALL.global_scale, SMALL.local_scale):
+        areas, ratios = [], []
+        for _ in range(4000):
+            y, x, h, w = crop_params(rng, 160, 213, scale, SMALL.ratio)
+            assert 0 <= y and y + h <= 160 and 0 <= x and x + w <= 213
+            areas.append(h * w / (160 * 213))
+            ratios.append(w / h)
+        areas, ratios = np.array(areas), np.array(ratios)
+        # integer rounding of h and w moves area and ratio by at most a pixel's worth
+        assert areas.min() >= scale[0] * 0.95 and areas.max() <= scale[1] * 1.05
+        assert ratios.min() >= 3 / 4 * 0.95 and ratios.max() <= 4 / 3 * 1.05
+        assert areas.min() < scale[0] + 0.05 * (scale[1] - scale[0])  # the whole range is used
+        assert areas.max() > scale[1] - 0.2 * (scale[1] - scale[0])
+
+
+def test_torchvision_transform_uses_spec():
+    from pipelines.torchvision_backend import view_transform
+
+    t = view_transform(SMALL, SMALL.local_size, SMALL.local_scale)
+    crop = t.transforms[0]
+    assert list(crop.size) == [SMALL.local_size] * 2 and crop.scale == SMALL.local_scale and crop.ratio == SMALL.ratio
+
+
+def dali_views_and_params(src, spec, batch_size=16, seed=0):
+    """First DALI batch as 0..255 views, plus the decoded sources and per-view parameters it used."""
+    from pipelines.dali_backend import draw_view, view_plan
+
+    b = first(loader(src, spec, "dali", batch_size=batch_size, seed=seed))
+    source = open_source(src)
+    idx = epoch_batches(len(source), batch_size, 0, 1, seed, 0)[0]
+    images, params = [], []
+    for i in idx:
+        data = source.read(int(i))
+        _, h, w = check_encoded(data)
+        images.append(torch.from_numpy(decode_rgb(data)).permute(2, 0, 1).float())
+        rng = np.random.default_rng(sample_seed(seed, 0, int(i)))
+        params.append([draw_view(rng, spec, h, w, size, scale) for size, scale in view_plan(spec)])
+    views = [list(pixels(b.global_views[k], spec)) + list(pixels(b.local_views[k], spec)) for k in range(batch_size)]
+    return views, images, params
+
+
+def tv_crop(image, p, size):
+    (y, x), (h, w) = p["start"], p["shape"]
+    v = F.resized_crop(image, y, x, h, w, [size, size], antialias=True)
+    return v.flip(-1) if p["flip"] else v
+
+
+@dali_only
+def test_dali_crop_flip_normalise_match_torchvision(imagenette):
+    """DALI's crop window, resize, flip and normalisation = torchvision's resized_crop of the same window."""
+    spec = SMALL.without_randomness().replace(flip_p=0.5)
+    views, images, params = dali_views_and_params(imagenette / "val", spec)
+    sizes = [spec.global_size] * spec.global_views + [spec.local_size] * spec.local_views
+    for v_s, img, ps in zip(views, images, params):
+        for v, p, size in zip(v_s, ps, sizes):
+            diff = (v - tv_crop(img, p, size)).abs()
+            assert diff.mean() < 2.0 and diff.max() < 40  # linear vs bilinear-antialias resampling only
+
+
+@dali_only
+def test_dali_colour_maths_bounded_against_torchvision(imagenette):
+    """Documented differences (pipelines/dali_backend.py): contrast pivots on 128 rather than the mean grey,
+    hue/saturation are a linear YIQ transform rather than HSV, fixed order. Bound them against torchvision's
+    functional ops applied with the same factors, and check greyscale is torchvision's luma."""
+    spec = SMALL.without_randomness().replace(jitter_p=1.0)
+    views, images, params = dali_views_and_params(imagenette / "val", spec)
+    sizes = [spec.global_size] * spec.global_views + [spec.local_size] * spec.local_views
+    errs = []
+    for v_s, img, ps in zip(views, images, params):
+        for v, p, size in zip(v_s, ps, sizes):
+            t = tv_crop(img, p, size).round().to(torch.uint8)
+            t = F.adjust_brightness(t, p["brightness"])
+            t = F.adjust_contrast(t, p["contrast"])
+            t = F.adjust_saturation(t, p["saturation"])
+            t = F.adjust_hue(t, p["hue"] / 360.0)
+            errs.append((v - t.float()).abs().mean().item())
+    errs = np.array(errs) / 255
+    assert np.median(errs) < 0.04 and errs.max() < 0.15, (np.median(errs), errs.max())
+
+    spec = SMALL.without_randomness().replace(grayscale_p=1.0)
+    views, images, params = dali_views_and_params(imagenette / "val", spec, batch_size=8)
+    for v_s, img, ps in zip(views, images, params):
+        for v, p, size in zip(v_s, ps, sizes):
+            grey = F.rgb_to_grayscale(tv_crop(img, p, size), num_output_channels=3)
+            assert (v - grey).abs().mean() < 2.0
+
+
+@dali_only
+def test_dali_blur_matches_torchvision(imagenette):
+    spec = SMALL.without_randomness().replace(blur_p=1.0)
+    views, images, params = dali_views_and_params(imagenette / "val", spec, batch_size=8)
+    sizes = [spec.global_size] * spec.global_views + [spec.local_size] * spec.local_views
+    for v_s, img, ps in zip(views, images, params):
+        for v, p, size in zip(v_s, ps, sizes):
+            t = tv_crop(img, p, size).round().clamp(0, 255).to(torch.uint8)
+            t = F.gaussian_blur(t, [spec.blur_kernel(size)] * 2, [p["sigma"]] * 2).float()
+            assert (v - t).abs().mean() < 2.0
+
+
+# ------------------------------------------------------------------------------------------------
+# Order: sharding, determinism, resume
+
+
+def test_epoch_batches_shards_disjoint_and_covering():
+    n, bs, world = 103, 8, 3
+    shards = [epoch_batches(n, bs, r, world, seed=5, epoch=2) for r in range(world)]
+    assert len({len(s) for s in shards}) == 1 and len(shards[0]) == n // (bs * world)
+    flat = [np.concatenate(s) for s in shards]
+    assert all(len(np.unique(f)) == len(f) for f in flat)
+    assert not set(flat[0]) & set(flat[1]) and not set(flat[1]) & set(flat[2])
+    union = np.sort(np.concatenate(flat))
+    perm = np.random.default_rng([5, 2]).permutation(n)
+    assert np.array_equal(union, np.sort(perm[: len(union)]))  # the first steps*B*W of the epoch, all of it
+    assert not np.array_equal(np.concatenate(epoch_batches(n, bs, 0, world, 5, 3)), flat[0])  # reshuffled
+    assert [b.tolist() for b in epoch_batches(n, bs, 1, world, 5, 2, start_step=2)] == [b.tolist() for b in shards[1][2:]]
+    with pytest.raises(ValueError, match="global batch"):
+        epoch_batches(10, 8, 0, 2, 0, 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ranks_disjoint(backend, small_folder):
+    """Two ranks' first batches contain different images (labels differ as multisets, views differ)."""
+    b0 = first(loader(small_folder, SMALL, backend, batch_size=16, rank=0, world_size=2))
+    b1 = first(loader(small_folder, SMALL, backend, batch_size=16, rank=1, world_size=2))
+    assert not torch.equal(b0.global_views, b1.global_views)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_batch_and_exact_resume(backend, small_folder):
+    full = [b for b in loader(small_folder, SMALL, backend, batch_size=16, seed=3, epoch=1)]
+    assert len(full) == 6
+    other = loader(small_folder, SMALL, backend, batch_size=16, seed=3, num_workers=1)  # workers differ
+    other.set_epoch(1, start_step=4)
+    tail = list(other)
+    assert len(tail) == 2
+    for a, b in zip(full[4:], tail):
+        assert torch.equal(a.global_views, b.global_views) and torch.equal(a.local_views, b.local_views)
+        assert torch.equal(a.labels, b.labels)
+    again = list(other)  # the resume point applies once: the next pass is the whole epoch again
+    assert len(again) == 6 and torch.equal(again[0].global_views, full[0].global_views)
+    other.set_epoch(2)
+    assert not torch.equal(first(other).global_views, full[0].global_views)
+    diff_seed = first(loader(small_folder, SMALL, backend, batch_size=16, seed=4, epoch=1))
+    assert not torch.equal(diff_seed.global_views, full[0].global_views)
+
+
+@dali_only
+def test_dali_abandoned_pass_then_new_epoch(small_folder):
+    """Leaving a pass mid-way must not leak its prefetched batches into the next one."""
+    ld = loader(small_folder, SMALL, "dali", batch_size=16)
+    it = iter(ld)
+    next(it)
+    ld.set_epoch(1)
+    fresh = loader(small_folder, SMALL, "dali", batch_size=16, epoch=1)
+    assert torch.equal(first(ld).global_views, first(fresh).global_views)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.fixture(scope="module")
+def messy_folder(imagenette, tmp_path_factory) -> tuple[Path, set[str]]:
+    """Real JPEGs plus broken and odd files made from them. Returns (root, names of unreadable files)."""
+    root = tmp_path_factory.mktemp("messy")
+    good = sorted((imagenette / "val").glob("*/*.jpg"))[:40]
+    (root / "a").mkdir()
+    (root / "b").mkdir()
+    for k, f in enumerate(good):
+        shutil.copy(f, root / ("a" if k % 2 else "b") / f.name)
+    data = good[0].read_bytes()
+    rgb = Image.open(good[1]).convert("RGB")
+    (root / "a" / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    (root / "a" / "empty.jpg").write_bytes(b"")
+    (root / "b" / "notes.jpg").write_text("this is not an image\n")
+    rgb.convert("CMYK").save(root / "a" / "cmyk.jpg")
+    rgb.convert("L").save(root / "b" / "grey.jpg")
+    rgba = rgb.copy()
+    rgba.putalpha(128)
+    rgba.save(root / "a" / "rgba.png")
+    grey16 = (np.asarray(rgb.convert("L"), np.uint16) * 257)
+    Image.fromarray(grey16).save(root / "b" / "grey16.png")
+    return root, {"truncated.jpg", "empty.jpg", "notes.jpg"}
+
+
+def test_odd_modes_are_converted(messy_folder):
+    root, _ = messy_folder
+    for name in ("a/cmyk.jpg", "b/grey.jpg", "a/rgba.png", "b/grey16.png"):
+        data = (root / name).read_bytes()
+        rgb = decode_rgb(data, name)
+        assert rgb.dtype == np.uint8 and rgb.ndim == 3 and rgb.shape[2] == 3, name
+        plain, h, w = check_encoded(data, name)
+        assert (h, w) == rgb.shape[:2]
+        assert Image.open(io.BytesIO(plain)).mode in ("RGB", "L"), name
+    grey8 = decode_rgb((root / "b" / "grey.jpg").read_bytes())
+    grey16 = decode_rgb((root / "b" / "grey16.png").read_bytes())
+    assert abs(float(grey16.mean()) - float(grey8.mean())) < 3  # 16-bit scaled down, not clipped to white
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_files_skipped_counted_logged_once(backend, messy_folder, caplog):
+    root, broken = messy_folder
+    ld = loader(root, SMALL, backend, batch_size=8, num_workers=1)
+    n = len(ld)
+    with caplog.at_level("WARNING"):
+        for epoch in range(2):
+            ld.set_epoch(epoch)
+            batches = list(ld)
+            assert len(batches) == n and all(torch.isfinite(b.global_views).all() for b in batches)
+    seen = {Path(p).name for p in ld.bad_files.counts}
+    covered = {Path(open_source(root).name(int(i))).name for b in epoch_batches(47, 8, 0, 1, 0, 0) for i in b}
+    covered |= {Path(open_source(root).name(int(i))).name for b in epoch_batches(47, 8, 0, 1, 0, 1) for i in b}
+    assert broken & covered <= seen <= broken  # the unreadable files met (a replacement may meet more)
+    logged = [r for r in caplog.records if "unreadable image" in r.getMessage()]
+    assert len(logged) == len(seen)  # each path logged once, even when met in both epochs
+
+
+def test_source_errors_name_the_input(tmp_path):
+    with pytest.raises(ValueError, match="does-not-exist"):
+        open_source(tmp_path / "does-not-exist")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty.*no class sub-folders"):
+        open_source(tmp_path / "empty")
+    (tmp_path / "noimg" / "cls").mkdir(parents=True)
+    (tmp_path / "noimg" / "cls" / "readme.txt").write_text("x")
+    with pytest.raises(ValueError, match="noimg.*no image files"):
+        open_source(tmp_path / "noimg")
+    (tmp_path / "x.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"x\.txt.*not a \.tar"):
+        open_source(tmp_path / "x.txt")
+    with pytest.raises(ValueError, match=r"shard.*not found"):
+        open_source(str(tmp_path / "s-{0..2}.tar"))
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        build_loader(tmp_path, SMALL, backend="nope")
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(global_scale=(0.0, 1.0)), "global_scale"), (dict(local_scale=(0.1, 1.5)), "local_scale"),
+    (dict(blur_p=1.5), "blur_p"), (dict(flip_p=-0.1), "flip_p"), (dict(local_size=4), "local_size"),
+])
+def test_spec_errors_name_the_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        SMALL.replace(**change)
+
+
+# ------------------------------------------------------------------------------------------------
+# Webdataset shards
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_webdataset_shards(backend, small_folder, tmp_path):
+    files = sorted(small_folder.glob("*/*.jpg"))
+    classes = sorted({f.parent.name for f in files})
+    for s in range(2):
+        with tarfile.open(tmp_path / f"shard-{s:02d}.tar", "w") as tf:
+            for k, f in enumerate(files[s::2]):
+                key = f"sample{s}_{k:04d}"
+                tf.add(f, arcname=f"{key}.jpg")
+                label = io.BytesIO(str(classes.index(f.parent.name)).encode())
+                info = tarfile.TarInfo(f"{key}.cls")
+                info.size = len(label.getvalue())
+                tf.addfile(info, label)
+    src = open_source(str(tmp_path / "shard-{00..01}.tar"))
+    assert len(src) == len(files) and src.num_classes == 3
+    assert len(open_source(tmp_path)) == len(files) and len(open_source(tmp_path / "shard-00.tar")) == len(files) // 2
+    # the bytes read from a tar member are the original file
+    i = 5
+    assert src.read(i) in {f.read_bytes() for f in files}
+    b = first(loader(str(tmp_path / "shard-{00..01}.tar"), SMALL, backend, batch_size=16))
+    assert b.global_views.shape == (16, 2, 3, 64, 64) and set(b.labels.tolist()) <= {0, 1, 2}
+
+
+# ------------------------------------------------------------------------------------------------
+# Inspection
+
+
+def test_inspect_writes_view_grid(small_folder, tmp_path):
+    from pipelines.inspect import main, view_grid
+
+    b = first(loader(small_folder, SMALL, "torchvision", batch_size=4))
+    grid = view_grid(b, SMALL, index=1)
+    assert grid.shape == (3, SMALL.global_size + 4, 8 * (SMALL.global_size + 4))
+    assert 0 <= grid.min() and grid.max() <= 1
+    out = main(["--data", str(small_folder), "--backend", "torchvision", "--preset", "cpu-small",
+                "--out", str(tmp_path / "views.png"), "--rows", "2"])
+    assert Image.open(out).size == (8 * (SMALL.global_size + 4), 2 * (SMALL.global_size + 4))
