@@ -327,7 +327,7 @@ def report_end(job) -> bool:
         summary = job.results()[0]  # rank 0's summary (every task returns one)
     except Exception as e:  # submitit raises the job's traceback, or why no result exists (cancelled, killed)
         state = final_state(job)
-        print(f"[slurm.py] job {job.job_id} FAILED (state {state}).\n  log: {stdout}\n  err: {stderr}\n"
+        print(f"[slurm.py] job {job.job_id} did not complete: state {state}\n  log: {stdout}\n  err: {stderr}\n"
               f"{str(e).strip()[-3000:]}", file=sys.stderr, flush=True)
         return False
     print(f"[slurm.py] job {job.job_id} done: step {summary.get('step')}, out {summary.get('out')}", flush=True)

@@ -289,5 +289,5 @@ def test_wait_reports_a_job_that_fails_on_its_node(cluster, imagenette, tmp_path
     p = subprocess.run([sys.executable, LAUNCHER, *flags, "--wait"], capture_output=True, text=True, timeout=300,
                        cwd=REPO)
     assert p.returncode == 1
-    assert re.search(r"job \d+ FAILED \(state FAILED\)", p.stderr), p.stderr
+    assert re.search(r"job \d+ did not complete: state FAILED", p.stderr), p.stderr
     assert f"log: {tmp_path}/slurm/" in p.stderr and "ValueError" in p.stderr  # the node's traceback, last line

@@ -4,7 +4,7 @@
 #   sudo launchers/cluster/up.sh            # install (once), configure, start; prints how to use it
 #   sudo launchers/cluster/down.sh [--purge]
 #
-# What runs (all on loopback, all state under $LEJEPA_SLURM_DIR, default /var/tmp/lejepa-slurm):
+# What runs (all traffic on loopback, all state under $LEJEPA_SLURM_DIR, default /var/tmp/lejepa-slurm):
 #   munged (Debian's, default socket) -> MariaDB (own datadir, 127.0.0.1) -> slurmdbd (job accounting:
 #   without it sacct knows nothing and submitit's job.result() can hang on a cancelled job) -> slurmctld ->
 #   one slurmd per fake node (`slurmd -N nodeI`, Debian builds slurm with MULTIPLE_SLURMD).
