@@ -1,0 +1,261 @@
+"""Multi-crop input pipeline throughput: source images/s with every view delivered to the training device.
+
+    python benchmarks/pipeline.py --data .cache/data/imagenette160/train --backends torchvision,dali \
+        --seconds 20 --batch-size 64 --json pipeline.json [--repeats 3] [--preset seed] [--beton X.beton]
+
+Backends run interleaved in one process (torchvision, dali, ... then again, `--repeats` times); each run
+iterates the backend's loader (built once, epochs chained with `set_epoch`) for `--seconds` after one warm-up
+batch per loader. Reported: median images/s, its ratio to torchvision measured in the same process, peak
+RSS (this process + its worker processes) while that backend ran, and a decode-only ceiling (the same
+source decoded with the backend's decoder and threads, no augmentation). One JSON line per backend on
+stdout, a JSON list in `--json`, a table appended to BENCHMARKS.md.
+
+Adding a backend: register a loader factory in LOADERS (and optionally a decode-only function in
+DECODE_ONLY); `ffcv` reads the `.beton` given by `--beton`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import append_rows, emit, machine  # noqa: E402
+from pipelines import SPEC_PRESETS, available, build_loader  # noqa: E402
+from pipelines.sources import open_source  # noqa: E402
+
+
+# ---- loaders -----------------------------------------------------------------------------------------
+
+def make_loader(backend: str, args, spec, device):
+    source = args.beton if backend == "ffcv" else args.data
+    if source is None:
+        raise SystemExit(f"--backends {backend}: needs --beton PATH (a .beton made by pipelines/convert_ffcv.py)")
+    return build_loader(source, spec, backend=backend, batch_size=args.batch_size, device=device,
+                        num_workers=args.workers, seed=0)
+
+
+LOADERS = {"torchvision": make_loader, "dali": make_loader, "ffcv": make_loader}
+
+
+# ---- decode-only ceilings ----------------------------------------------------------------------------
+
+class DecodeDataset(torch.utils.data.Dataset):
+    """Sample i -> its decoded size (the decoded pixels stay in the worker: only decoding is measured)."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        from pipelines.sources import decode_pil
+
+        return torch.tensor(decode_pil(self.source.read(i)).size)
+
+
+def decode_only_torchvision(args, device, seconds: float) -> float:
+    """PIL decode (what the reference backend does per sample) in the same number of worker processes."""
+    from torch.utils.data import DataLoader
+
+    workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, 8)
+    context = "forkserver" if workers and "nvidia.dali" in sys.modules else None
+    dl = DataLoader(DecodeDataset(open_source(args.data)), batch_size=args.batch_size, shuffle=True, drop_last=True,
+                    num_workers=workers, multiprocessing_context=context, persistent_workers=bool(workers))
+    return _rate(lambda: iter(dl), seconds, device)
+
+
+def decode_only_dali(args, device, seconds: float) -> float:
+    """DALI's decoder alone (mixed = nvJPEG on CUDA, CPU otherwise), fed the same bytes, same threads."""
+    import numpy as np
+    from nvidia.dali import fn, pipeline_def, types
+
+    source = open_source(args.data)
+    rng = np.random.default_rng(0)
+    threads = args.workers or min(os.cpu_count() or 1, 8)
+
+    def feed(info):
+        idx = rng.integers(0, len(source), args.batch_size)
+        return [np.frombuffer(source.read(int(i)), np.uint8) for i in idx]
+
+    @pipeline_def(batch_size=args.batch_size, num_threads=threads,
+                  device_id=(device.index or 0) if device.type == "cuda" else None, exec_dynamic=True)
+    def decode():
+        enc = fn.external_source(source=feed, batch=True, batch_info=True)
+        img = fn.decoders.image(enc, device="mixed" if device.type == "cuda" else "cpu", output_type=types.RGB)
+        return img.shape()  # tiny output: the cost measured is decoding
+
+    pipe = decode()
+    pipe.build()
+
+    def batches():
+        while True:
+            out = pipe.run()[0]
+            yield out.as_tensor() if hasattr(out, "as_tensor") else out
+
+    return _rate(batches, seconds, device)
+
+
+DECODE_ONLY = {"torchvision": decode_only_torchvision, "dali": decode_only_dali}
+
+
+def _rate(make_iter, seconds: float, device) -> float:
+    it = make_iter()
+    next(it)  # warm-up
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        try:
+            next(it)
+        except StopIteration:
+            it = make_iter()
+            continue
+        n += 1
+    return n / (time.perf_counter() - start)  # batches/s; the caller scales by the batch size
+
+
+# ---- measurement -------------------------------------------------------------------------------------
+
+class PeakRSS:
+    """Peak resident memory of this process plus its children (DataLoader workers), sampled every 0.1 s."""
+
+    def __init__(self):
+        import psutil
+
+        self.proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+
+    def sample(self) -> int:
+        total = 0
+        for p in [self.proc] + self.proc.children(recursive=True):
+            try:
+                total += p.memory_info().rss
+            except Exception:  # a worker may exit between listing and reading
+                pass
+        return total
+
+    def __enter__(self):
+        self.peak = self.sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(0.1):
+            self.peak = max(self.peak, self.sample())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.sample())
+
+
+def timed_run(state: dict, seconds: float, device) -> float:
+    """Images/s of one run: iterate (chaining epochs) for `seconds`, every batch already on `device`."""
+    loader = state["loader"]
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        batch = next(state["it"], None)
+        if batch is None:  # epoch over: next epoch, as a trainer would
+            state["epoch"] += 1
+            loader.set_epoch(state["epoch"])
+            state["it"] = iter(loader)
+            continue
+        n += batch.labels.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return n / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", help="ImageFolder dir or webdataset tar(s) (torchvision, dali)")
+    ap.add_argument("--beton", help="FFCV .beton of the same images (ffcv)")
+    ap.add_argument("--backends", default="torchvision,dali")
+    ap.add_argument("--seconds", type=float, default=20.0, help="per run")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--preset", default="seed", choices=sorted(SPEC_PRESETS))
+    ap.add_argument("--workers", type=int, default=None, help="workers / threads per backend (default: cores)")
+    ap.add_argument("--device", default=None, help="default: cuda if present, else cpu")
+    ap.add_argument("--decode-seconds", type=float, default=None, help="decode-only run length (default --seconds/2)")
+    ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-md", action="store_true", help="do not append to BENCHMARKS.md (smoke runs)")
+    args = ap.parse_args(argv)
+
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    for b in backends:
+        if b not in LOADERS:
+            ap.error(f"--backends: unknown {b!r}; known: {', '.join(LOADERS)}")
+        if not available(b):
+            ap.error(f"--backends: {b!r} is not installed")
+    if args.data is None and any(b != "ffcv" for b in backends):
+        ap.error("--data is required for " + ", ".join(b for b in backends if b != "ffcv"))
+    if args.data is not None:
+        open_source(args.data)  # clear error naming the path before any work
+    torch.set_num_threads(1)  # the loaders own the cores; the consumer only counts
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    spec = SPEC_PRESETS[args.preset]
+
+    states, rates, peaks = {}, {b: [] for b in backends}, {b: 0 for b in backends}
+    for b in backends:
+        loader = LOADERS[b](b, args, spec, device)
+        it = iter(loader)
+        next(it)  # warm-up: pipeline build, worker start, JIT
+        states[b] = {"loader": loader, "it": it, "epoch": 0}
+    for r in range(args.repeats):
+        for b in backends:
+            with PeakRSS() as rss:
+                rates[b].append(timed_run(states[b], args.seconds, device))
+            peaks[b] = max(peaks[b], rss.peak)
+            print(f"# run {r + 1}/{args.repeats} {b}: {rates[b][-1]:.1f} images/s", file=sys.stderr, flush=True)
+    decode = {}
+    for b in backends:
+        states.pop(b)  # free the augmenting loader (and its workers) first
+        fn = DECODE_ONLY.get(b)
+        decode[b] = fn(args, device, args.decode_seconds or args.seconds / 2) * args.batch_size if fn else None
+
+    ref = statistics.median(rates["torchvision"]) if "torchvision" in rates else None
+    results = []
+    for b in backends:
+        med = statistics.median(rates[b])
+        rec = {
+            "backend": b, "images_per_s": round(med, 1), "runs": [round(x, 1) for x in rates[b]],
+            "ratio_to_torchvision": round(med / ref, 2) if ref else None,
+            "peak_rss_mb": round(peaks[b] / 2**20), "decode_only_images_per_s": round(decode[b], 1) if decode[b] else None,
+            "preset": args.preset, "batch_size": args.batch_size, "device": str(device), "seconds": args.seconds,
+            "data": args.beton if b == "ffcv" else args.data, "machine": machine(),
+        }
+        emit(rec)
+        results.append(rec)
+    if args.json:
+        tmp = args.json.with_suffix(args.json.suffix + ".tmp")
+        with open(tmp, "w") as f:
+            json.dump(results, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.json)
+    if not args.no_md:
+        images = ", ".join(f"{Path(r['data']).name} ({len(open_source(r['data'])) if r['backend'] != 'ffcv' else 'beton'})"
+                           for r in results[:1])
+        append_rows(
+            f"Multi-crop pipeline ({args.preset}, batch {args.batch_size}, {device})",
+            ["backend", "images", "median images/s (runs)", "ratio to torchvision", "decode-only images/s",
+             "peak RSS MB"],
+            [[r["backend"], images, f"{r['images_per_s']} ({', '.join(map(str, r['runs']))})",
+              r["ratio_to_torchvision"], r["decode_only_images_per_s"], r["peak_rss_mb"]] for r in results],
+            note=f"{args.repeats} interleaved runs of {args.seconds:g} s per backend; source images/s with all "
+                 f"{spec.num_views} views delivered to {device}.",
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()
