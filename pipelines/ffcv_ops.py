@@ -152,71 +152,59 @@ def adjust_brightness(img, factor):
 @njit(cache=True, fastmath=True)
 def adjust_contrast(img, factor):
     """Blend with the mean grey level of the whole view (torchvision's pivot)."""
-    h, w, _ = img.shape
+    px = img.reshape(-1, 3)
     total = 0.0
-    for y in range(h):
-        for x in range(w):
-            total += 0.2989 * img[y, x, 0] + 0.587 * img[y, x, 1] + 0.114 * img[y, x, 2]
-    offset = (1.0 - factor) * total / (h * w)
+    for k in range(px.shape[0]):
+        total += 0.2989 * px[k, 0] + 0.587 * px[k, 1] + 0.114 * px[k, 2]
+    f = np.float32(factor)
+    offset = np.float32((1.0 - factor) * total / px.shape[0])
     flat = img.reshape(-1)
     for k in range(flat.size):
-        flat[k] = min(max(flat[k] * factor + offset, 0.0), 1.0)
+        flat[k] = min(max(flat[k] * f + offset, np.float32(0.0)), np.float32(1.0))
 
 
 @njit(cache=True, fastmath=True)
 def adjust_saturation(img, factor):
-    h, w, _ = img.shape
-    for y in range(h):
-        for x in range(w):
-            grey = (1.0 - factor) * (0.2989 * img[y, x, 0] + 0.587 * img[y, x, 1] + 0.114 * img[y, x, 2])
-            for c in range(3):
-                img[y, x, c] = min(max(img[y, x, c] * factor + grey, 0.0), 1.0)
+    px = img.reshape(-1, 3)
+    f, g = np.float32(factor), np.float32(1.0 - factor)
+    zero, one = np.float32(0.0), np.float32(1.0)
+    for k in range(px.shape[0]):
+        grey = g * (np.float32(0.2989) * px[k, 0] + np.float32(0.587) * px[k, 1] + np.float32(0.114) * px[k, 2])
+        px[k, 0] = min(max(px[k, 0] * f + grey, zero), one)
+        px[k, 1] = min(max(px[k, 1] * f + grey, zero), one)
+        px[k, 2] = min(max(px[k, 2] * f + grey, zero), one)
 
 
-@njit(cache=True)
+@njit(cache=True, fastmath=True)
 def adjust_hue(img, hue_factor):
-    """RGB -> HSV, shift H by `hue_factor` (mod 1), HSV -> RGB (torchvision's _rgb_to_hsv/_hsv_to_rgb)."""
-    h, w, _ = img.shape
-    for y in range(h):
-        for x in range(w):
-            r, g, b = img[y, x, 0], img[y, x, 1], img[y, x, 2]
-            maxc = max(r, max(g, b))
-            minc = min(r, min(g, b))
-            if maxc == minc:  # grey pixel: hue undefined, unchanged
-                continue
-            crange = maxc - minc
-            s = crange / maxc
-            rc, gc, bc = (maxc - r) / crange, (maxc - g) / crange, (maxc - b) / crange
-            if maxc == r:
-                hh = bc - gc
-            elif maxc == g:
-                hh = 2.0 + rc - bc
-            else:
-                hh = 4.0 + gc - rc
-            hh = hh / 6.0 + 1.0  # in [5/6, 11/6]: positive, so fmod(., 1) = x - floor(x)
-            hh = hh - math.floor(hh) + hue_factor
-            hh = hh - math.floor(hh)  # Python-style remainder into [0, 1)
-            h6 = hh * 6.0
-            i = int(math.floor(h6))
-            f = h6 - i
-            i = i % 6
-            v = maxc
-            p = min(max(v * (1.0 - s), 0.0), 1.0)
-            q = min(max(v * (1.0 - s * f), 0.0), 1.0)
-            t = min(max(v * (1.0 - s + s * f), 0.0), 1.0)
-            if i == 0:
-                r, g, b = v, t, p
-            elif i == 1:
-                r, g, b = q, v, p
-            elif i == 2:
-                r, g, b = p, v, t
-            elif i == 3:
-                r, g, b = p, q, v
-            elif i == 4:
-                r, g, b = t, p, v
-            else:
-                r, g, b = v, p, q
-            img[y, x, 0], img[y, x, 1], img[y, x, 2] = r, g, b
+    """RGB -> HSV, shift H by `hue_factor` (mod 1), HSV -> RGB: torchvision's _rgb_to_hsv/_hsv_to_rgb,
+    written without branches (selects and the min/max form of HSV -> RGB) so that the loop vectorises."""
+    px = img.reshape(-1, 3)
+    for k in range(px.shape[0]):
+        r, g, b = px[k, 0], px[k, 1], px[k, 2]
+        maxc = max(r, max(g, b))
+        minc = min(r, min(g, b))
+        crange = maxc - minc
+        grey = crange == 0.0  # hue undefined: s = 0, the pixel stays (v, v, v)
+        safe = 1.0 if grey else crange
+        s = 0.0 if grey else crange / maxc
+        rc, gc, bc = (maxc - r) / safe, (maxc - g) / safe, (maxc - b) / safe
+        hh = (bc - gc) if maxc == r else ((2.0 + rc - bc) if maxc == g else (4.0 + gc - rc))
+        hh = hh / 6.0 + 1.0  # in [5/6, 11/6]: positive, so fmod(., 1) = x - floor(x)
+        hh = hh - math.floor(hh) + hue_factor
+        hh = (hh - math.floor(hh)) * 6.0  # Python-style remainder into [0, 1), times 6
+        # HSV -> RGB: channel n in (r: 5, g: 3, b: 1) is v - v s clamp(min(m, 4 - m), 0, 1),
+        # m = (n + 6h) mod 6 -- the same values as torchvision's (v, p, q, t) table.
+        vs = maxc * s
+        m = hh + 5.0
+        m = m - 6.0 if m >= 6.0 else m
+        px[k, 0] = maxc - vs * min(max(min(m, 4.0 - m), 0.0), 1.0)
+        m = hh + 3.0
+        m = m - 6.0 if m >= 6.0 else m
+        px[k, 1] = maxc - vs * min(max(min(m, 4.0 - m), 0.0), 1.0)
+        m = hh + 1.0
+        m = m - 6.0 if m >= 6.0 else m
+        px[k, 2] = maxc - vs * min(max(min(m, 4.0 - m), 0.0), 1.0)
 
 
 @njit(cache=True, fastmath=True)
@@ -254,27 +242,32 @@ def gaussian_blur(img, sigma, kernel_size, tmp):
         total += weights[k + radius]
     for k in range(2 * radius + 1):
         weights[k] /= total
-    tmp = tmp[: h * w * 3].reshape(h, w, 3)
+    # Rows as flat [w * 3] vectors so that the inner loops are contiguous and vectorise.
+    rows, out = img.reshape(h, w * 3), tmp[: h * w * 3].reshape(h, w * 3)
     for y in range(h):  # vertical pass into tmp
-        for x in range(w):
-            acc0 = acc1 = acc2 = 0.0
-            for k in range(-radius, radius + 1):
-                yy = _reflect(y + k, h)
-                wk = weights[k + radius]
-                acc0 += wk * img[yy, x, 0]
-                acc1 += wk * img[yy, x, 1]
-                acc2 += wk * img[yy, x, 2]
-            tmp[y, x, 0], tmp[y, x, 1], tmp[y, x, 2] = acc0, acc1, acc2
+        acc = out[y]
+        acc[:] = 0.0
+        for k in range(-radius, radius + 1):
+            src, wk = rows[_reflect(y + k, h)], weights[k + radius]
+            for i in range(w * 3):
+                acc[i] += wk * src[i]
     for y in range(h):  # horizontal pass back into img
-        for x in range(w):
-            acc0 = acc1 = acc2 = 0.0
-            for k in range(-radius, radius + 1):
-                xx = _reflect(x + k, w)
-                wk = weights[k + radius]
-                acc0 += wk * tmp[y, xx, 0]
-                acc1 += wk * tmp[y, xx, 1]
-                acc2 += wk * tmp[y, xx, 2]
-            img[y, x, 0], img[y, x, 1], img[y, x, 2] = acc0, acc1, acc2
+        acc, src = rows[y], out[y]
+        acc[:] = 0.0
+        for k in range(-radius, radius + 1):
+            wk = weights[k + radius]
+            lo, hi = max(0, -k), min(w, w - k)  # columns whose neighbour x + k is inside the row
+            a, b = acc[lo * 3: hi * 3], src[lo * 3 + 3 * k: hi * 3 + 3 * k]
+            for i in range(a.shape[0]):  # plain i-indexing on slices: vectorises (10x an offset index)
+                a[i] += wk * b[i]
+            for x in range(0, lo):  # reflected borders
+                xs = _reflect(x + k, w)
+                for c in range(3):
+                    acc[x * 3 + c] += wk * src[xs * 3 + c]
+            for x in range(hi, w):
+                xs = _reflect(x + k, w)
+                for c in range(3):
+                    acc[x * 3 + c] += wk * src[xs * 3 + c]
 
 
 @njit(cache=True, fastmath=True)

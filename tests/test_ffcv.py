@@ -164,6 +164,22 @@ def test_resume_mid_epoch_is_exact_and_batches_stay_valid(loader0):
     assert not torch.equal(other.global_views, full[0][0])  # another epoch, another order and views
 
 
+def test_quasi_random_order_is_a_seeded_permutation(loader0):
+    from pipelines.ffcv_backend import quasi_random_order
+
+    pages = loader0._loader.memory_manager.page_to_samples  # the real .beton's page -> samples map
+    n = loader0.num_samples
+    a, b = quasi_random_order(pages, n, seed=1, epoch=0), quasi_random_order(pages, n, seed=1, epoch=1)
+    assert sorted(a.tolist()) == list(range(n)) and sorted(b.tolist()) == list(range(n))
+    assert np.array_equal(a, quasi_random_order(pages, n, seed=1, epoch=0)) and not np.array_equal(a, b)
+    loader0.order = "quasi_random"
+    try:
+        steps = loader0.epoch_batches(0)
+        assert len(steps) == len(loader0) and all(len(s) == 8 for s in steps)
+    finally:
+        loader0.order = "random"
+
+
 def test_dropping_the_iterator_stops_ffcv(loader0):
     loader0.set_epoch(0)
     it = iter(loader0)
