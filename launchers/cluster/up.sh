@@ -59,8 +59,15 @@ render() {  # render TEMPLATE -> stdout, substituting @NAME@ placeholders
       -e "s|@CTLD_PORT@|$CTLD_PORT|g" -e "s|@DBD_PORT@|$DBD_PORT|g" -e "s|@DB_PORT@|$DB_PORT|g" \
       -e "s|@PROCTRACK@|proctrack/$PROCTRACK|g" -e "s|@TASKPLUGIN@|$TASKPLUGIN|g" \
       -e "s|@NODES@|$NODES|g" -e "s|@CPUS@|$CPUS|g" -e "s|@MEM_MB@|$MEM_MB|g" \
-      -e "s|@MEM_PER_CPU@|$((MEM_MB / CPUS))|g" "$1"
+      -e "s|@MEM_PER_CPU@|$((MEM_MB / CPUS))|g" -e "s|@COMM_PARAMS@|$COMM_PARAMS|g" "$1"
 }
+# Binding to "the address the name resolves to" is only loopback when the name resolves to 127.0.0.1
+# (Debian often maps it to 127.0.1.1, where clients using 127.0.0.1 would not reach slurmctld).
+if [ "$(getent ahostsv4 "$HOST" | awk 'NR == 1 {print $1}')" = 127.0.0.1 ]; then
+  COMM_PARAMS="CommunicationParameters=NoCtldInAddrAny,NoInAddrAny"
+else
+  COMM_PARAMS="# $HOST does not resolve to 127.0.0.1: daemons listen on all addresses (traffic stays local)"
+fi
 # proctrack/cgroup (what real clusters use) needs a writable cgroup v1 freezer hierarchy; slurm 22.05's
 # cgroup/v2 plugin needs systemd/dbus, which containers lack, so elsewhere fall back to linuxproc
 # (process tracking by parent pid, no memory containment).
@@ -122,7 +129,10 @@ wait_for() {  # wait_for SECONDS DESCRIPTION LOGFILE COMMAND...
 
 # --- 3. munge (shared by all daemons and clients on this machine) -------------------------------------
 if ! munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
-  [ -s /etc/munge/munge.key ] || { mungekey --create --keyfile=/etc/munge/munge.key; chown munge:munge /etc/munge/munge.key; chmod 600 /etc/munge/munge.key; }
+  if [ ! -s /etc/munge/munge.key ]; then  # the package normally creates it
+    mungekey --create --keyfile=/etc/munge/munge.key
+    chown munge:munge /etc/munge/munge.key && chmod 600 /etc/munge/munge.key
+  fi
   mkdir -p /run/munge /var/log/munge /var/lib/munge && chown munge:munge /run/munge /var/log/munge /var/lib/munge
   runuser -u munge -- /usr/sbin/munged </dev/null >/dev/null 2>&1
   wait_for 10 munged /var/log/munge/munged.log bash -c 'munge -n | unmunge'
