@@ -268,9 +268,12 @@ class FFCVLoader:
         workers = num_workers if num_workers and num_workers > 0 else min(os.cpu_count() or 1, 8)
         self._keys = _KeyOrder()
         # Building the Loader compiles the numba pipeline (~10 s cold; kernels are cached on disk).
+        # FFCV's Compiler.set_num_threads also sets torch's thread count: keep the trainer's.
+        torch_threads = torch.get_num_threads()
         self._loader = Loader(self.path, batch_size=batch_size, num_workers=workers, os_cache=True,
                               order=OrderOption.SEQUENTIAL, pipelines=pipelines, drop_last=drop_last,
                               batches_ahead=batches_ahead)
+        torch.set_num_threads(torch_threads)
         self._loader.traversal_order = self._keys
         outputs = list(self._loader.pipeline_specs)
         self._image_pos, self._label_pos = outputs.index(IMAGE_FIELD), outputs.index(LABEL_FIELD)
@@ -312,7 +315,9 @@ class FFCVLoader:
             return
         self._keys.keys = make_key(epoch, np.concatenate(batches))
         # The last batch may be short (drop_last=False); FFCV cuts the key list into batch_size chunks.
+        torch_threads = torch.get_num_threads()
         iterator = self._running = iter(self._loader)
+        torch.set_num_threads(torch_threads)
         try:
             for step in itertools.count(start):
                 out = _next_output(iterator)

@@ -97,6 +97,29 @@ def test_convert_round_trip_and_bad_file_report(beton, small_folder):
         assert np.abs(stored.astype(float) - original).mean() < 3.0
 
 
+def test_validation_of_tar_shards_and_torchvision_datasets(tmp_path, small_folder):
+    """The other two source kinds, up to the writer: webdataset shards and a torchvision dataset class."""
+    import io
+    import tarfile
+
+    from pipelines.convert_ffcv import open_any, validate
+
+    files = sorted(small_folder.glob("*/ILSVRC*"))[:6]
+    with tarfile.open(tmp_path / "shard-000.tar", "w") as tf:
+        for k, f in enumerate(files + [small_folder / sorted(p.name for p in small_folder.iterdir())[0] / "zz_text.jpg"]):
+            for name, data in ((f"s{k:03d}.jpg", f.read_bytes()), (f"s{k:03d}.cls", str(k % 3).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    good, bad = validate(open_any(str(tmp_path / "shard-000.tar"), None, None, "train"), num_workers=2)
+    assert good == list(range(6)) and len(bad) == 1 and "cannot identify" in bad[0][1]
+
+    source = open_any(None, "ImageFolder", str(small_folder), "train")
+    good, bad = validate(source, num_workers=2)
+    assert len(good) == CLASSES * PER_CLASS and len(bad) == 3 and source.classes == sorted(
+        p.name for p in small_folder.iterdir())
+
+
 def test_convert_rejects_bad_arguments(tmp_path, small_folder):
     with pytest.raises(ValueError, match="does-not-exist"):
         convert(str(tmp_path / "does-not-exist"), tmp_path / "x.beton")
