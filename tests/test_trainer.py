@@ -248,3 +248,20 @@ def test_data_dir_without_images_is_rejected(tmp_path, capsys):
 def test_steps_and_epochs_are_exclusive(tmp_path):
     with pytest.raises(SystemExit):
         launcher_main(["--steps", "3", "--epochs", "1", "--out", str(tmp_path / "x")])
+
+
+def test_presets_fill_unset_flags_and_flags_win():
+    import argparse
+
+    from trainer import add_config_args, config_from_args
+
+    parser = add_config_args(argparse.ArgumentParser())
+    small = config_from_args(parser.parse_args([]))
+    assert (small.preset, small.arch, small.patch_size, small.spec) == ("cpu-small", "resnet18", None,
+                                                                          SPEC_PRESETS["cpu-small"])
+    assert small.effective_weight_decay == 5e-4  # ResNet
+    vit = config_from_args(parser.parse_args(["--arch", "vit_t", "--global-size", "48", "--steps", "7"]))
+    assert (vit.patch_size, vit.spec.global_size, vit.spec.local_size, vit.steps) == (8, 48, 32, 7)
+    assert vit.effective_weight_decay == 5e-2  # ViT (ConvNeXt too: AdamW-trained nets)
+    seed = config_from_args(parser.parse_args(["--preset", "seed", "--lr", "1e-4"]))
+    assert (seed.arch, seed.epochs, seed.steps, seed.lr, seed.spec) == ("vit_l", 100, None, 1e-4, SPEC_PRESETS["seed"])
