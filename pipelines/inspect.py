@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
     spec = SPEC_PRESETS[args.preset]
     rows = max(1, args.rows)
     loader = build_loader(args.data, spec, backend=args.backend, batch_size=args.index + rows,
-                          device=args.device, seed=args.seed, num_workers=1)
+                          device=args.device, seed=args.seed, num_workers=0)  # one batch: no workers
     batch = next(iter(loader))
     grid = torch.cat([view_grid(batch, spec, args.index + r) for r in range(rows)], dim=1)
     save_png(grid, args.out)
