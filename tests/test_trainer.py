@@ -265,3 +265,28 @@ def test_presets_fill_unset_flags_and_flags_win():
     assert vit.effective_weight_decay == 5e-2  # ViT (ConvNeXt too: AdamW-trained nets)
     seed = config_from_args(parser.parse_args(["--preset", "seed", "--lr", "1e-4"]))
     assert (seed.arch, seed.epochs, seed.steps, seed.lr, seed.spec) == ("vit_l", 100, None, 1e-4, SPEC_PRESETS["seed"])
+
+
+def test_embedded_fashion_mnist_is_a_balanced_imagefolder(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from pipelines.embedded import CLASSES, DEBIAN_DIR, FILES, _read_idx, materialise
+
+    if not DEBIAN_DIR.exists():
+        pytest.fail("Debian package dataset-fashion-mnist is not installed (make install)")
+    root = materialise(tmp_path / "fm", per_class=3, test_per_class=2)
+    for split, count in (("train", 3), ("test", 2)):
+        assert sorted(p.name for p in (root / split).iterdir()) == sorted(CLASSES)
+        assert all(len(list((root / split / c).glob("*.jpg"))) == count for c in CLASSES)
+    # the files hold the IDX images of their class (JPEG: close, not equal)
+    images = _read_idx(DEBIAN_DIR / FILES["train"][0], 2051)
+    labels = _read_idx(DEBIAN_DIR / FILES["train"][1], 2049)
+    f = sorted((root / "train" / "bag").glob("*.jpg"))[0]
+    index = int(f.stem)
+    assert CLASSES[labels[index]] == "bag"
+    assert np.abs(np.asarray(Image.open(f), dtype=np.int16) - images[index]).mean() < 4
+    assert materialise(tmp_path / "fm", per_class=3, test_per_class=2) == root  # built once
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dir left behind
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        materialise(tmp_path / "other", source_dir=tmp_path / "nowhere")
