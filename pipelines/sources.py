@@ -280,7 +280,7 @@ def check_encoded(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise BadImage(f"{name}: {type(e).__name__}: {e}") from e
     if fmt == "JPEG":
-        complete = data.rstrip(b"\x00").endswith(_JPEG_EOI)
+        complete = data[-4096:].rstrip(b"\x00").endswith(_JPEG_EOI)  # some writers pad with zeros
         plain = mode in ("RGB", "L")
     elif fmt == "PNG":
         complete = b"IEND" in data[-32:]
