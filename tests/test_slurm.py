@@ -133,17 +133,18 @@ def jobs(cluster, imagenette, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm_runs")
     # Shared across nodes in a real cluster; here every fake node is this machine, so tmp is shared too.
     runs = {"requeue": root / "requeue", "timeout": root / "timeout", "array": root / "array"}
-    ids = dict(zip(runs, submit(
+    flags = {
         # 2 nodes x 1 CPU task; requeued by the test mid-run (SIGTERM path).
-        train_flags(imagenette, runs["requeue"], REQUEUE_STEPS, nodes=2, **{"ckpt-every": 3}),
+        "requeue": train_flags(imagenette, runs["requeue"], REQUEUE_STEPS, nodes=2, **{"ckpt-every": 3}),
         # 1 task, 1-minute limit, SIGUSR1 5 s before it (slurmctld checks every 30 s, so it comes 25-55 s
         # after the start): the SIGUSR1 -> trainer checkpoint -> submitit requeue path. Periodic checkpoints
         # off, so every checkpoint is one the time limit caused.
-        train_flags(imagenette, runs["timeout"], TIMEOUT_STEPS, nodes=1, time=1,
-                    **{"signal-delay": 5, "ckpt-every": 1000}),
-        train_flags(imagenette, runs["array"], ARRAY_STEPS, nodes=1) + ["--array", "lambd=0.05,0.2"],
-    )))
-    yield ids, runs
+        "timeout": train_flags(imagenette, runs["timeout"], TIMEOUT_STEPS, nodes=1, time=1,
+                               **{"signal-delay": 5, "ckpt-every": 1000}),
+        "array": train_flags(imagenette, runs["array"], ARRAY_STEPS, nodes=1) + ["--array", "lambd=0.05,0.2"],
+    }
+    ids = dict(zip(flags, submit(*flags.values())))
+    yield ids, runs, flags
     subprocess.run(["scancel", *ids.values()], capture_output=True)
 
 
@@ -151,7 +152,7 @@ def jobs(cluster, imagenette, tmp_path_factory):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_two_node_job_requeued_mid_run_resumes_from_its_checkpoint(jobs):
-    ids, runs = jobs
+    ids, runs, flags = jobs
     job, out = ids["requeue"], runs["requeue"]
     wait_until(lambda: checkpoint_steps(out) and squeue_state(job) == "RUNNING", "the first checkpoint", 240)
     subprocess.run(["scontrol", "requeue", job], check=True)
@@ -180,7 +181,7 @@ def test_two_node_job_requeued_mid_run_resumes_from_its_checkpoint(jobs):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_job_hitting_its_time_limit_requeues_and_finishes(jobs):
-    ids, runs = jobs
+    ids, runs, flags = jobs
     job, out = ids["timeout"], runs["timeout"]
     # TIMEOUT_STEPS cannot fit in one 25-55 s attempt on 2 cores, so the first attempt meets its limit.
     wait_until(lambda: "Requeued job" in run_log(out), "the first attempt to hit its time limit and requeue", 240)
@@ -205,13 +206,17 @@ def test_job_hitting_its_time_limit_requeues_and_finishes(jobs):
 
 @pytest.mark.slurm
 @pytest.mark.slow
-def test_array_members_run_with_their_own_output_folders(jobs):
+def test_array_members_run_with_their_own_output_folders(jobs, capsys):
     import yaml
 
-    ids, runs = jobs
+    ids, runs, flags = jobs
     job, out = ids["array"], runs["array"]
     states = wait_done(job, out, timeout=300)
     assert sorted(states) == [f"{job}_0", f"{job}_1"]
+    # --dry-run shows exactly the script that was submitted
+    code, dry, _ = launch(capsys, *flags["array"], "--dry-run")
+    submitted = (out / "slurm" / f"{job}_submission.sh").read_text()
+    assert code == 0 and dry.split("# member out:")[0].strip() == submitted.strip()
     for lambd in (0.05, 0.2):
         member = out / f"lambd={lambd}"
         config = yaml.safe_load((member / "config.yaml").read_text())
