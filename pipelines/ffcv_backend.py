@@ -240,7 +240,7 @@ class FFCVLoader:
 
     def __init__(self, path, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
-                 drop_last: bool = True, order: str = "random", batches_ahead: int = 2):
+                 drop_last: bool = True, order: str = "random", batches_ahead: int = 2, colour_ops: str = "auto"):
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
         from ffcv.transforms import ToDevice, ToTensor
@@ -259,9 +259,15 @@ class FFCVLoader:
         if steps_per_epoch(self.num_samples, batch_size, world_size, drop_last) == 0:
             raise ValueError(f"FFCV source {self.path!r}: {self.num_samples} samples < one global batch "
                              f"({batch_size} x {world_size} ranks) with drop_last")
-        self.gpu = self.device.type == "cuda"
+        if colour_ops not in ("auto", "fused", "torch"):
+            raise ValueError(f"colour_ops={colour_ops!r}: valid are 'auto', 'fused', 'torch'")
+        # "torch": FFCV makes uint8 views, the colour ops run batched in torch on `device` (auto on CUDA);
+        # "fused": everything in the numba decoder (auto on CPU).
+        self.gpu = colour_ops == "torch" or (colour_ops == "auto" and self.device.type == "cuda")
         MultiCropDecoder, LabelKeyDecoder = _decoder_classes()
-        to_gpu = [ToTensor(), ToDevice(self.device, non_blocking=True)] if self.gpu else []
+        to_gpu = [ToTensor()] if self.gpu else []
+        if self.gpu and self.device.type == "cuda":
+            to_gpu.append(ToDevice(self.device, non_blocking=True))
         pipelines = {name: None for name in reader.field_names}  # other fields: not decoded
         pipelines[IMAGE_FIELD] = PipelineSpec(IMAGE_FIELD, MultiCropDecoder(spec, seed, uint8=self.gpu), to_gpu)
         pipelines[LABEL_FIELD] = PipelineSpec(LABEL_FIELD, LabelKeyDecoder())
@@ -372,11 +378,11 @@ class FFCVLoader:
 
 def build(source, spec: MultiCropSpec, batch_size: int = 64, device=None, rank: int = 0, world_size: int = 1,
           seed: int = 0, epoch: int = 0, num_workers: int | None = None, drop_last: bool = True,
-          order: str = "random") -> FFCVLoader:
+          order: str = "random", colour_ops: str = "auto") -> FFCVLoader:
     """`pipelines.build_loader(..., backend="ffcv")`: a multi-crop loader over a `.beton`."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     return FFCVLoader(source, spec, batch_size, device, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                      num_workers=num_workers, drop_last=drop_last, order=order)
+                      num_workers=num_workers, drop_last=drop_last, order=order, colour_ops=colour_ops)
 
 
 __all__ = ["build", "FFCVLoader", "open_beton", "split_views", "quasi_random_order", "EPOCH_SHIFT"]

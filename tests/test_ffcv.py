@@ -336,6 +336,24 @@ def test_gpu_colour_path_matches_fused_op(photos):
     assert (diff > 1e-4).float().mean() < 1e-4 and diff.max() < 0.02
 
 
+@pytest.mark.slow  # builds a second FFCV pipeline (numba compile)
+def test_device_colour_path_end_to_end(beton, loader0):
+    """The CUDA pipeline (FFCV makes uint8 views, torch does the colour ops), run on CPU tensors through a
+    real FFCV Loader, gives the fused loader's batches (ToDevice is the one step that needs a GPU)."""
+    from pipelines.ffcv_backend import build
+
+    torch_path = build(beton[0], SPEC, batch_size=8, device="cpu", rank=0, world_size=2, seed=3, num_workers=2,
+                       colour_ops="torch")
+    loader0.set_epoch(4)
+    torch_path.set_epoch(4)
+    for fused, split in zip(loader0, torch_path):
+        assert np.array_equal(loader0.batch_indices, torch_path.batch_indices)
+        for a, b in ((fused.global_views, split.global_views), (fused.local_views, split.local_views)):
+            diff = (a - b).abs()
+            assert (diff > 1e-4).float().mean() < 1e-4 and diff.max() < 0.02  # see the test above
+    torch_path.close()
+
+
 def test_modules_import_without_ffcv():
     """The project works without ffcv: our modules import, ffcv is only needed to build a loader."""
     code = ("import sys; sys.modules['ffcv'] = None\n"
