@@ -7,7 +7,8 @@ part is the contiguous global block [B,G,3,H,W] and the rest the local block [B,
 
 On CUDA the decoder stops after crop + resize + flip (uint8), FFCV moves the batch with
 `ToDevice(non_blocking=True)`, and the colour ops run batched on the GPU (pipelines/ffcv_gpu.py) with the
-very same per-view random parameters.
+very same per-view random parameters (`colour_ops="torch"`; "auto" picks it on CUDA, "fused" on CPU; the
+torch path also runs on CPU tensors, which is how tests/test_ffcv.py checks it end to end).
 
 The pipeline, as FFCV declares it (ffcv-imagenet style):
     image -> MultiCropDecoder(spec, seed, uint8=on_gpu) [-> ToTensor -> ToDevice(device, non_blocking)]
