@@ -63,11 +63,27 @@ SUBPROCESS_ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # 
 # ------------------------------------------------------------------------------------------ the loop
 
 
-@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=pytest.mark.dali)])
+def small_imagefolder(imagenette, root: Path, classes: int = 2, per_class: int = 16) -> Path:
+    for cls in sorted((imagenette / "train").iterdir())[:classes]:
+        (root / cls.name).mkdir(parents=True)
+        for f in sorted(cls.iterdir())[:per_class]:
+            (root / cls.name / f.name).symlink_to(f)
+    return root
+
+
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=pytest.mark.dali),
+                                     pytest.param("ffcv", marks=[pytest.mark.ffcv, pytest.mark.slow])])
 def test_loop_runs_logs_every_tag_and_checkpoints(tmp_path, imagenette, backend):
     if not available(backend) or not (REPO / "pipelines" / f"{backend}_backend.py").exists():
         pytest.skip(f"backend {backend} not available here")
-    cfg = tiny(tmp_path, imagenette / "train", backend=backend, steps=4, ckpt_every=2, image_every=2, amp=True)
+    data = imagenette / "train"
+    if backend == "ffcv":  # FFCV reads a .beton: convert 64 of the same photos
+        from pipelines.convert_ffcv import convert
+
+        data = tmp_path / "small.beton"
+        convert(str(small_imagefolder(imagenette, tmp_path / "small", per_class=32)), data, max_resolution=160,
+                num_workers=2)
+    cfg = tiny(tmp_path, data, backend=backend, steps=4, ckpt_every=2, image_every=2, amp=True)
     summary = run(cfg)
     assert summary["status"] == "done" and summary["step"] == 4 and summary["skipped_steps"] == 0
 
@@ -98,11 +114,7 @@ def test_loop_runs_logs_every_tag_and_checkpoints(tmp_path, imagenette, backend)
 
 @pytest.mark.slow
 def test_loss_falls_on_a_fixed_small_set(tmp_path, imagenette):
-    small = tmp_path / "small"
-    for cls in sorted((imagenette / "train").iterdir())[:2]:
-        (small / cls.name).mkdir(parents=True)
-        for f in sorted(cls.iterdir())[:16]:
-            (small / cls.name / f.name).symlink_to(f)
+    small = small_imagefolder(imagenette, tmp_path / "small")
     # 32 images, one batch: the same images (new augmentations) every step. λ 0.5 and 256 slices so the
     # fall of SIGReg dominates the batch-to-batch noise; the prediction term rises as embeddings spread.
     summary = run(tiny(tmp_path, small, steps=10, batch_size=32, ckpt_every=100, warmup=2, lambd=0.5, lr=5e-3,

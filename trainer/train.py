@@ -427,6 +427,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         bar.close()
         if writer is not None:
             writer.close()
+        if hasattr(loader, "close"):  # FFCV keeps decoding after its iterator is dropped
+            loader.close()
     if status == "preempted" and preempt.signum is not None:
         preempt.chain()  # e.g. submitit's SIGUSR1 handler: requeue the job
     preempt.uninstall()
