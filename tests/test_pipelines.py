@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
 import pipelines
 from pipelines import SPEC_PRESETS, MultiCropSpec, build_loader
-from pipelines.sources import check_encoded, decode_rgb, epoch_batches, open_source, sample_seed
+from pipelines.sources import check_encoded, decode_rgb, epoch_batches, open_source
 
 torch.set_num_threads(1)  # several OpenMP threads on 2 busy cores slow small convs down 40x
 SMALL = SPEC_PRESETS["cpu-small"]
@@ -152,23 +153,33 @@ def test_random_op_rates(backend, imagenette):
 
 
 @dali_only
-def test_crop_params_respect_scale_and_ratio():
-    from pipelines.dali_backend import crop_params
+def test_dali_crops_respect_scale_and_ratio():
+    """DALI's crop windows (torchvision's RandomResizedCrop sampling, vectorised) on a 160x213 image."""
+    from pipelines.dali_backend import draw_params
 
-    rng = np.random.default_rng(0)
-    for scale in (SMALL.global_scale, SMALL.local_scale):
-        areas, ratios = [], []
-        for _ in range(4000):
-            y, x, h, w = crop_params(rng, 160, 213, scale, SMALL.ratio)
-            assert 0 <= y and y + h <= 160 and 0 <= x and x + w <= 213
-            areas.append(h * w / (160 * 213))
-            ratios.append(w / h)
-        areas, ratios = np.array(areas), np.array(ratios)
+    n = 3000
+    params = draw_params(SMALL, 0, 0, np.arange(n), [160] * n, [213] * n)
+    for p, scale in ((params[0], SMALL.global_scale), (params[-1], SMALL.local_scale)):
+        (y, x), (h, w) = p["start"].T, p["shape"].T
+        assert (y >= 0).all() and (y + h <= 160).all() and (x >= 0).all() and (x + w <= 213).all()
+        areas, ratios = h * w / (160 * 213), w / h
         # integer rounding of h and w moves area and ratio by at most a pixel's worth
         assert areas.min() >= scale[0] * 0.95 and areas.max() <= scale[1] * 1.05
         assert ratios.min() >= 3 / 4 * 0.95 and ratios.max() <= 4 / 3 * 1.05
         assert areas.min() < scale[0] + 0.05 * (scale[1] - scale[0])  # the whole range is used
         assert areas.max() > scale[1] - 0.2 * (scale[1] - scale[0])
+        # same distribution as torchvision's own sampler: means of area and log-ratio within 4 SE
+        tv = np.array([T.RandomResizedCrop.get_params(torch.empty(1, 160, 213), list(scale), list(SMALL.ratio))
+                       for _ in range(n)], np.float64)
+        tv_areas, tv_logr = tv[:, 2] * tv[:, 3] / (160 * 213), np.log(tv[:, 3] / tv[:, 2])
+        for ours, ref in ((areas, tv_areas), (np.log(ratios), tv_logr)):
+            se = math.sqrt(ours.var() / n + ref.var() / n)
+            assert abs(ours.mean() - ref.mean()) < 4 * se
+    # a sample's choices depend on (seed, epoch, index) only, not on the batch it is drawn in
+    again = draw_params(SMALL, 0, 0, np.arange(n)[::-1][:5], [160] * 5, [213] * 5)
+    assert np.array_equal(again[0]["start"], params[0]["start"][::-1][:5])
+    other_epoch = draw_params(SMALL, 0, 1, np.arange(n), [160] * n, [213] * n)
+    assert not np.array_equal(other_epoch[0]["start"], params[0]["start"])
 
 
 def test_torchvision_transform_uses_spec():
@@ -181,25 +192,25 @@ def test_torchvision_transform_uses_spec():
 
 def dali_views_and_params(src, spec, batch_size=16, seed=0):
     """First DALI batch as 0..255 views, plus the decoded sources and per-view parameters it used."""
-    from pipelines.dali_backend import draw_view, view_plan
+    from pipelines.dali_backend import draw_params
 
     b = first(loader(src, spec, "dali", batch_size=batch_size, seed=seed))
     source = open_source(src)
     idx = epoch_batches(len(source), batch_size, 0, 1, seed, 0)[0]
-    images, params = [], []
+    images, hw = [], []
     for i in idx:
         data = source.read(int(i))
-        _, h, w = check_encoded(data)
+        hw.append(check_encoded(data)[1:])
         images.append(torch.from_numpy(decode_rgb(data)).permute(2, 0, 1).float())
-        rng = np.random.default_rng(sample_seed(seed, 0, int(i)))
-        params.append([draw_view(rng, spec, h, w, size, scale) for size, scale in view_plan(spec)])
+    per_view = draw_params(spec, seed, 0, idx, *zip(*hw))
+    params = [[{k: a[k][j] for k in a} for a in per_view] for j in range(batch_size)]
     views = [list(pixels(b.global_views[k], spec)) + list(pixels(b.local_views[k], spec)) for k in range(batch_size)]
     return views, images, params
 
 
 def tv_crop(image, p, size):
-    (y, x), (h, w) = p["start"], p["shape"]
-    v = F.resized_crop(image, y, x, h, w, [size, size], antialias=True)
+    (y, x), (h, w) = p["start"].astype(int), p["shape"].astype(int)
+    v = F.resized_crop(image, int(y), int(x), int(h), int(w), [size, size], antialias=True)
     return v.flip(-1) if p["flip"] else v
 
 
@@ -227,14 +238,16 @@ def test_dali_colour_maths_bounded_against_torchvision(imagenette):
     for v_s, img, ps in zip(views, images, params):
         for v, p, size in zip(v_s, ps, sizes):
             t = tv_crop(img, p, size).round().to(torch.uint8)
-            t = F.adjust_brightness(t, p["brightness"])
-            t = F.adjust_contrast(t, p["contrast"])
-            t = F.adjust_saturation(t, p["saturation"])
-            t = F.adjust_hue(t, p["hue"] / 360.0)
+            t = F.adjust_brightness(t, float(p["brightness"]))
+            t = F.adjust_contrast(t, float(p["contrast"]))
+            t = F.adjust_saturation(t, float(p["saturation"]))
+            t = F.adjust_hue(t, float(p["hue"]) / 360.0)
             errs.append((v - t.float()).abs().mean().item())
     errs = np.array(errs) / 255
-    print(f"DALI vs torchvision jitter: median {np.median(errs):.4f}, max {errs.max():.4f} (fraction of 255)")
-    assert np.median(errs) < 0.04 and errs.max() < 0.15, (np.median(errs), errs.max())
+    q50, q95, top = np.quantile(errs, [0.5, 0.95, 1.0])
+    print(f"DALI vs torchvision jitter, mean |error| per view: median {q50:.4f}, 95% {q95:.4f}, max {top:.4f}")
+    # contrast alone: |c - 1| * |mean grey - 128| reaches 0.4 * 80 / 255 = 0.13 on dark or bright views
+    assert q50 < 0.04 and q95 < 0.15 and top < 0.25, (q50, q95, top)
 
     spec = SMALL.without_randomness().replace(grayscale_p=1.0)
     views, images, params = dali_views_and_params(imagenette / "val", spec, batch_size=8)
@@ -252,7 +265,7 @@ def test_dali_blur_matches_torchvision(imagenette):
     for v_s, img, ps in zip(views, images, params):
         for v, p, size in zip(v_s, ps, sizes):
             t = tv_crop(img, p, size).round().clamp(0, 255).to(torch.uint8)
-            t = F.gaussian_blur(t, [spec.blur_kernel(size)] * 2, [p["sigma_view"]] * 2).float()
+            t = F.gaussian_blur(t, [spec.blur_kernel(size)] * 2, [float(p["sigma_view"])] * 2).float()
             assert (v - t).abs().mean() < 2.0
 
 
