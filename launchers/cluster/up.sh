@@ -89,10 +89,15 @@ done >> "$new/slurm.conf"
 render "$HERE/slurmdbd.conf.in" > "$new/slurmdbd.conf"
 render "$HERE/cgroup.conf.in" > "$new/cgroup.conf"
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+alive() {  # the pid in file $1 runs (a killed daemon can linger a moment as a zombie: not alive)
+  local pid
+  pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
+    && ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status" 2>/dev/null
+}
 all_up() {
   alive "$RUN/mariadb.pid" && alive "$RUN/slurmdbd.pid" && alive "$RUN/slurmctld.pid" || return 1
   for i in $(seq 1 "$NODES"); do alive "$RUN/slurmd-node$i.pid" || return 1; done
+  munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && scontrol ping >/dev/null 2>&1
 }
 same_config() { for f in slurm.conf slurmdbd.conf cgroup.conf; do cmp -s "$new/$f" "$ETC/$f" || return 1; done; }
 
