@@ -1,5 +1,13 @@
 """`run(cfg)`: LeJEPA pretraining. Set-up helpers first, then the loop in one function, top to bottom.
 
+Run dir (`--out`): `config.yaml` (resolved config), `tb/` (TensorBoard events: train/{loss,pred,sigreg,lr},
+probe/acc, perf/{images_per_s,data_wait_frac,step_ms}, image `views`), `checkpoint_{step:06d}.pt` (the last
+`--keep-ckpts`; format in models/checkpoint.py). A run dir that holds checkpoints is resumed from the
+latest readable one (a truncated latest file is reported and the previous one used); its recipe must match
+(RESUME_MUST_MATCH, the error names the field). `--no-resume` refuses such a dir instead of overwriting it.
+Resume is exact: model, optimizer, scheduler, scaler, every rank's RNG states and the loader position
+(epoch, batches consumed) are restored, so on CPU the losses after a kill -9 equal an uninterrupted run's.
+
 Throughput choices: the batch arrives on the device from the loader; the SIGReg step counter lives on the
 device (no host sync to draw directions); loss figures stay on the device and are read only every
 `log_every` steps. The one per-step host sync is the finiteness check of the grad norm (needed to skip a
@@ -276,11 +284,11 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     if cfg.compile:
         model = torch.compile(model)
 
-    writer = None
+    writer, version = None, code_version()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_yaml(out / "config.yaml", _plain(dict(cfg.to_dict(), data=data, world_size=world,
-                                                    total_steps=total, code_version=code_version())))
+                                                    total_steps=total, code_version=version)))
         # purge_step drops events a killed run logged after its last checkpoint
         writer = SummaryWriter(out / "tb", purge_step=step + 1 if step else None)
 
@@ -297,7 +305,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
                      "model": module.encoder.state_dict(),
                      "probe": module.probe.state_dict() if module.probe is not None else None,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rngs, "code_version": code_version()}
+                     "scaler": scaler.state_dict(), "rng": rngs, "code_version": version}
             save_checkpoint(state, out, step, keep=cfg.keep_ckpts)
         if world > 1:
             dist.barrier()
