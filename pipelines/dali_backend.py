@@ -168,8 +168,11 @@ def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads
     n_out = 2 + len(views) * len(VIEW_PARAMS)
     solarize_lut = [255 - v if v >= spec.solarize_threshold else v for v in range(256)]
 
+    colour_on = spec.jitter_p > 0 or spec.grayscale_p > 0
+    blur_on, solarize_on = spec.blur_p > 0, spec.solarize_p > 0 and spec.solarize_threshold <= 255
+
     def colour(img, p):
-        if p["jitter"]:
+        if spec.jitter_p > 0 and p["jitter"]:
             img = fn.brightness_contrast(img, brightness=p["brightness"], contrast=p["contrast"],
                                          contrast_center=128.0)
         return fn.hsv(img, hue=p["hue"], saturation=p["saturation"])
@@ -184,17 +187,19 @@ def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads
         outs = []
         for v, (size, _scale) in enumerate(views):
             p = dict(zip((n for n, _ in VIEW_PARAMS), inputs[2 + v * len(VIEW_PARAMS): 2 + (v + 1) * len(VIEW_PARAMS)]))
+            # Branches whose probability is 0 in the spec are not built at all (a conditional costs a
+            # split and a merge of the batch even when no sample takes it).
             x = fn.slice(image, start=p["start"], shape=p["shape"], axis_names="HW")
-            if p["blur_first"]:  # blur and colour are both linear per pixel in DALI: their order is free
+            if blur_on and p["blur_first"]:  # blur and DALI's colour ops are linear per pixel: order is free
                 x = fn.gaussian_blur(x, sigma=p["sigma"], window_size=p["window"])
-            if p["color_first"]:
+            if colour_on and p["color_first"]:
                 x = colour(x, p)
             x = fn.resize(x, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
-            if p["color_after"]:
+            if colour_on and p["color_after"]:
                 x = colour(x, p)
-            if p["blur_after"]:
+            if blur_on and p["blur_after"]:
                 x = fn.gaussian_blur(x, sigma=p["sigma"], window_size=p["window"])
-            if p["solarize"]:
+            if solarize_on and p["solarize"]:
                 x = fn.lookup_table(x, keys=list(range(256)), values=solarize_lut, dtype=types.UINT8)
             outs.append(fn.crop_mirror_normalize(
                 x, mirror=p["flip"], dtype=types.FLOAT, output_layout="CHW",
