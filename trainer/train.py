@@ -315,7 +315,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     status, bad, skipped = "done", 0, 0
     step_t = torch.tensor(step, device=device)  # SIGReg's direction seed, advanced on the device
     images_per_step = cfg.batch_size * world * cfg.accum_steps
-    last = {"loss": float("nan")}
+    last: dict = {}  # figures of the last logged step
     t_log, wait_log, steps_log = time.perf_counter(), 0.0, 0
     loader.set_epoch(epoch, pos)
     batches = iter(loader)
