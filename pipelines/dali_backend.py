@@ -71,6 +71,20 @@ VIEW_PARAMS = (
 )
 
 
+def used_params(spec: MultiCropSpec) -> tuple[tuple[str, type], ...]:
+    """The VIEW_PARAMS the graph reads: ops with probability 0 get no branch and no inputs."""
+    off = set()
+    if spec.jitter_p == 0:
+        off.add("jitter")
+        if spec.grayscale_p == 0:
+            off |= {"color_first", "color_after", "brightness", "contrast", "hue", "saturation"}
+    if spec.blur_p == 0:
+        off |= {"blur_first", "blur_after", "sigma", "window"}
+    if spec.solarize_p == 0 or spec.solarize_threshold > 255:
+        off.add("solarize")
+    return tuple((n, t) for n, t in VIEW_PARAMS if n not in off)
+
+
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a counter-based random generator."""
     x = x + np.uint64(0x9E3779B97F4A7C15)
@@ -165,7 +179,8 @@ def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads
     from nvidia.dali import fn, pipeline_def, types
 
     views = view_plan(spec)
-    n_out = 2 + len(views) * len(VIEW_PARAMS)
+    params = used_params(spec)
+    n_out = 2 + len(views) * len(params)
     solarize_lut = [255 - v if v >= spec.solarize_threshold else v for v in range(256)]
 
     colour_on = spec.jitter_p > 0 or spec.grayscale_p > 0
@@ -186,7 +201,7 @@ def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads
                                   adjust_orientation=False)
         outs = []
         for v, (size, _scale) in enumerate(views):
-            p = dict(zip((n for n, _ in VIEW_PARAMS), inputs[2 + v * len(VIEW_PARAMS): 2 + (v + 1) * len(VIEW_PARAMS)]))
+            p = dict(zip((n for n, _ in params), inputs[2 + v * len(params): 2 + (v + 1) * len(params)]))
             # Branches whose probability is 0 in the spec are not built at all (a conditional costs a
             # split and a merge of the batch even when no sample takes it).
             x = fn.slice(image, start=p["start"], shape=p["shape"], axis_names="HW")
@@ -267,7 +282,7 @@ class DaliLoader:
             widths.append(w)
         out = [encoded, np.asarray(labels, np.int64)]
         for p in draw_params(self.spec, self.seed, self.epoch_in_flight, indices, heights, widths):
-            out += [np.ascontiguousarray(p[name], dtype) for name, dtype in VIEW_PARAMS]
+            out += [np.ascontiguousarray(p[name], dtype) for name, dtype in used_params(self.spec)]
         return tuple(out)
 
     # -- iteration -----------------------------------------------------------------------------------
