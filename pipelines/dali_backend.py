@@ -75,9 +75,9 @@ def used_params(spec: MultiCropSpec) -> tuple[tuple[str, type], ...]:
     """The VIEW_PARAMS the graph reads: ops with probability 0 get no branch and no inputs."""
     off = set()
     if spec.jitter_p == 0:
-        off.add("jitter")
+        off |= {"jitter", "brightness", "contrast"}
         if spec.grayscale_p == 0:
-            off |= {"color_first", "color_after", "brightness", "contrast", "hue", "saturation"}
+            off |= {"color_first", "color_after", "hue", "saturation"}
     if spec.blur_p == 0:
         off |= {"blur_first", "blur_after", "sigma", "window"}
     if spec.solarize_p == 0 or spec.solarize_threshold > 255:
