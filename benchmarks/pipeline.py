@@ -6,7 +6,8 @@
 Backends run interleaved in one process (torchvision, dali, ... then again, `--repeats` times); each run
 iterates the backend's loader (built once, epochs chained with `set_epoch`) for `--seconds` after one warm-up
 batch per loader. Reported: median images/s, its ratio to torchvision measured in the same process, peak
-RSS (this process + its worker processes) while that backend ran, and a decode-only ceiling (the same
+RSS (this process + its worker processes) while that backend ran (all loaders stay alive for the
+interleaving, so it is a process-wide peak, not one backend's footprint), and a decode-only ceiling (the same
 source decoded with the backend's decoder and threads, no augmentation). One JSON line per backend on
 stdout, a JSON list in `--json`, a table appended to BENCHMARKS.md.
 
