@@ -5,8 +5,9 @@
 
 One row per image: the (resized, centre-cropped) input, then one PCA map per model. The PCA is fitted on the
 patches of all the images together, so colours mean the same thing across rows (as in the seed's demo);
-each component is scaled to [0, 1] between its 1st and 99th percentile. A ViT with `dynamic_img_size`
-accepts a larger --image-size than it was trained at, which gives a finer map.
+each component is scaled to [0, 1] between its 1st and 99th percentile. The map has one cell per patch (ViT)
+or per cell of the last feature map (conv nets: stride 32, so 2x2 at 64 px); a larger --image-size than
+the pretraining one gives a finer map (ViTs interpolate their position embedding, `dynamic_img_size`).
 """
 
 from __future__ import annotations
