@@ -13,7 +13,6 @@ and with weighted kNN. Medians of --repeats runs; the feature cache is not used.
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -39,11 +38,12 @@ def median_time(fn, repeats: int) -> tuple[float, object]:
 
 @torch.inference_mode()
 def forward_only(model, n: int, batch_size: int, device: torch.device) -> None:
+    """The network alone on `n` random images in the extraction's batches (the last one partial)."""
     module = model.module.to(device).eval()
     x = torch.randn(batch_size, 3, model.image_size, model.image_size, device=device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        for _ in range(math.ceil(n / batch_size)):
-            module.probe_features(x)
+        for start in range(0, n, batch_size):
+            module.probe_features(x[: min(batch_size, n - start)])
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -63,6 +63,7 @@ def main() -> None:
             n = len(train.labels)
             extract(model, torch.utils.data.Subset(train.dataset, range(min(n, args.batch_size))), **kw)  # warm-up
             t_extract, train_x = median_time(lambda: extract(model, train.dataset, **kw), args.repeats)
+            forward_only(model, min(n, args.batch_size), args.batch_size, device)  # warm-up
             t_forward, _ = median_time(lambda: forward_only(model, n, args.batch_size, device), args.repeats)
             feats = Features(train_x, train.labels, extract(model, test.dataset, **kw), test.labels, train.classes)
             rec = {"bench": "kshot", "device": device.type, "model": model.name, "dataset": arg.label,
