@@ -40,12 +40,13 @@ from tqdm import tqdm
 
 from evaluation.features import FeatureModel, cached_features, default_device, from_checkpoint, from_timm, random_init
 from evaluation.transfer_datasets import DatasetArg, DatasetError, Split, cap_per_class, load_dataset, parse_dataset_arg
+from models import is_vit
 
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 ONE_SHOT_WEIGHT_DECAY = 1e-1
-# Input recipe of the trainer's presets (evaluation does not import pipelines/; a test checks these
-# against pipelines.spec.SPEC_PRESETS): preset -> (global view size, ViT patch size).
 SMALL_PROBLEM = 2_000_000  # train features (N x D elements) below which a CPU probe runs on one thread
+# Input recipe of the trainer's presets (evaluation imports neither pipelines/ nor trainer/; a test checks
+# these against SPEC_PRESETS and trainer PRESETS): preset -> (global view size, ViT patch size).
 PRESET_INPUT = {"seed": (224, None), "cpu-small": (64, 8)}
 
 Shots = int | str  # a positive int or "all"
@@ -305,7 +306,8 @@ def build_models(args: argparse.Namespace) -> list[FeatureModel]:
             raise ValueError("--arch evaluates a randomly initialised network: add --random-init "
                              "(for trained weights use --checkpoint)")
         size, patch = PRESET_INPUT.get(args.preset, (224, None))
-        return [random_init(args.arch, args.image_size or size, args.patch_size or patch)]
+        patch = args.patch_size or (patch if is_vit(args.arch) else None)  # a preset's patch is a ViT setting
+        return [random_init(args.arch, args.image_size or size, patch)]
     return [from_timm(args.timm, args.timm_weights, args.image_size)]
 
 
