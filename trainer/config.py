@@ -97,6 +97,9 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+SPEC_FLAGS = tuple(f.name for f in dataclasses.fields(MultiCropSpec))
+
+
 def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every TrainConfig flag. Defaults are None so `config_from_args` can tell 'not given' from a value."""
     g = parser.add_argument_group("training (trainer.TrainConfig)")
@@ -132,15 +135,18 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, help="TensorBoard scalars every N steps")
     g.add_argument("--image-every", type=int, help="TensorBoard view grid every N steps (0 = never)")
     g.add_argument("--max-bad-steps", type=int, help="stop after K consecutive NaN/Inf steps (default 10)")
-    s = parser.add_argument_group("multi-crop overrides (on top of the preset's MultiCropSpec)")
-    s.add_argument("--global-views", type=int)
-    s.add_argument("--local-views", type=int)
-    s.add_argument("--global-size", type=int)
-    s.add_argument("--local-size", type=int)
+    s = parser.add_argument_group("multi-crop spec (overrides of the preset's MultiCropSpec)")
+    reference = MultiCropSpec()
+    for name in SPEC_FLAGS:  # one flag per spec field: counts, sizes, ranges and every probability
+        value = getattr(reference, name)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, tuple):
+            s.add_argument(flag, type=float, nargs=len(value), metavar="X", help=f"default {value}")
+        else:
+            s.add_argument(flag, type=type(value), help=f"default {value}")
     return parser
 
 
-SPEC_FLAGS = ("global_views", "local_views", "global_size", "local_size")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -159,7 +165,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     # The preset's patch size is a ViT setting: it does not apply to a ResNet/ConvNeXt.
     if "patch_size" not in given and not is_vit(values.get("arch", TrainConfig.arch)):
         values["patch_size"] = None
-    spec_changes = {k: given[k] for k in SPEC_FLAGS if k in given}
+    spec_changes = {k: tuple(given[k]) if isinstance(given[k], list) else given[k] for k in SPEC_FLAGS if k in given}
     values["spec"] = SPEC_PRESETS[preset].replace(**spec_changes)
     values["preset"] = preset
     return TrainConfig(**values)
