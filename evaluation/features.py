@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+from models.checkpoint import atomic_open
 from models import build_encoder, check_arch, encoder_from_checkpoint, load_checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what the LeJEPA presets normalise with (MultiCropSpec default)
@@ -180,17 +179,8 @@ def extract(model: FeatureModel, dataset, batch_size: int = 128, num_workers: in
 
 def atomic_torch_save(obj, path: Path) -> None:
     """temp file in the same folder + fsync + rename: readers never see a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        torch.save(obj, f)
 
 
 def cached_features(model: FeatureModel, dataset_key: dict, split_name: str, split, cache_dir: Path | None,

@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import sys
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ from tqdm import tqdm
 from evaluation.features import FeatureModel, cached_features, default_device, from_checkpoint, from_timm, random_init
 from evaluation.transfer_datasets import DatasetArg, DatasetError, Split, cap_per_class, load_dataset, parse_dataset_arg
 from models import is_vit
+from models.checkpoint import atomic_open
 
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 ONE_SHOT_WEIGHT_DECAY = 1e-1
@@ -221,18 +221,8 @@ def format_markdown(results: list[dict], notes: list[str] = ()) -> str:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 # ------------------------------------------------------------------------------------------------- CLI

@@ -13,9 +13,7 @@ the pretraining one gives a finer map (ViTs interpolate their position embedding
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +24,7 @@ from torch import Tensor
 
 from evaluation.features import FeatureModel, default_device
 from evaluation.kshot import add_model_args, build_models, positive_int
+from models.checkpoint import atomic_open
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
@@ -81,17 +80,8 @@ def pca_maps(model: FeatureModel, images: list[Image.Image], device: torch.devic
 def save_png(grid: Tensor, path: Path) -> None:
     """[3, H, W] in [0, 1] -> PNG, written atomically (temp + fsync + rename)."""
     array = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(array).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(path) as f:
+        Image.fromarray(array).save(f, format="PNG")
 
 
 def render(models: list[FeatureModel], image_paths: list[Path], display: int = 192,

@@ -11,6 +11,7 @@ One file per step, `RUN_DIR/checkpoint_{step:06d}.pt`, a plain dict loadable wit
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import tempfile
@@ -39,6 +40,26 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb"):
+    """Open a temp file beside `path`; on success fsync it and rename it over `path`.
+
+    Readers never see a half-written file: a crash leaves at most a stray `.NAME.*.tmp`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3) -> Path:
     """Write `state` atomically (temp file in the same dir + fsync + rename) and keep the last `keep` files.
 
@@ -47,16 +68,8 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3) 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, step)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=run_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state, format=FORMAT, step=step), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, final)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(final) as f:
+        torch.save(dict(state, format=FORMAT, step=step), f)
     dir_fd = os.open(run_dir, os.O_RDONLY)  # make the rename itself durable
     try:
         os.fsync(dir_fd)

@@ -22,7 +22,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 import warnings
@@ -40,6 +39,7 @@ from tqdm import tqdm
 
 from losses import SIGReg, lejepa_loss
 from models import build_encoder, list_checkpoints, load_checkpoint, save_checkpoint
+from models.checkpoint import atomic_open
 from pipelines import build_loader
 from pipelines.inspect import view_grid as pipeline_view_grid
 from trainer.config import RESUME_MUST_MATCH, TrainConfig, validate_config
@@ -195,12 +195,8 @@ def view_grid(batch, spec, n: int = 4) -> torch.Tensor:
 
 
 def write_yaml(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
+    with atomic_open(path, "w") as f:
         yaml.safe_dump(data, f, sort_keys=False)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _plain(d):
