@@ -186,7 +186,9 @@ def test_job_hitting_its_time_limit_requeues_and_finishes(jobs):
     # TIMEOUT_STEPS cannot fit in one 25-55 s attempt on 2 cores, so the first attempt meets its limit.
     wait_until(lambda: "Requeued job" in run_log(out), "the first attempt to hit its time limit and requeue", 240)
     # Then let the job finish without more timeouts (keeps the test short; each attempt is the same path).
-    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], check=True)
+    # On a quiet machine the second attempt may finish before this line: then there is nothing to extend.
+    update = subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], capture_output=True, text=True)
+    assert update.returncode == 0 or "already finished" in update.stderr, update.stderr
     wait_done(job, out, timeout=360)
     log = run_log(out)
     attempts = [a for a in loss_steps_per_attempt(out) if a]
