@@ -125,7 +125,9 @@ def run_log(run_dir: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------- the jobs
-REQUEUE_STEPS, TIMEOUT_STEPS, ARRAY_STEPS = 12, 60, 4
+# TIMEOUT_STEPS: ~0.3 s a step on a quiet 2-core machine, so one attempt (cut 25-55 s after its start) can
+# never finish them all; 60 did fit once on a quiet machine and the job then never met its limit.
+REQUEUE_STEPS, TIMEOUT_STEPS, ARRAY_STEPS = 12, 400, 4
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +191,7 @@ def test_job_hitting_its_time_limit_requeues_and_finishes(jobs):
     # On a quiet machine the second attempt may finish before this line: then there is nothing to extend.
     update = subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=10"], capture_output=True, text=True)
     assert update.returncode == 0 or "already finished" in update.stderr, update.stderr
-    wait_done(job, out, timeout=360)
+    wait_done(job, out, timeout=600)
     log = run_log(out)
     attempts = [a for a in loss_steps_per_attempt(out) if a]
     rank0 = (out / "slurm" / f"{job}_0_log.out").read_text()  # submitit logs INFO here (WARNING in both files)
