@@ -46,8 +46,8 @@ import numpy as np
 import torch
 
 from pipelines.batch import Batch
-from pipelines.sources import BadFileLog, BadImage, Source, check_encoded, epoch_batches, open_source
-from pipelines.sources import steps_per_epoch
+from pipelines.sources import BadImage, check_encoded
+from pipelines.sources import ShardedLoader
 from pipelines.spec import MultiCropSpec
 
 MAX_REPLACEMENTS = 16
@@ -228,33 +228,18 @@ def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads
     return multicrop()
 
 
-class DaliLoader:
+class DaliLoader(ShardedLoader):
     """Loader protocol (see pipelines/__init__.py) over one DALI pipeline, built once and reset per epoch."""
 
     def __init__(self, source, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
                  drop_last: bool = True):
-        self.source = source if isinstance(source, Source) else open_source(source)
-        self.spec, self.batch_size, self.device = spec, batch_size, torch.device(device)
-        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        super().__init__(source, spec, batch_size, torch.device(device), rank, world_size, seed, epoch, drop_last)
         self.num_threads = max(1, num_workers if num_workers else min(os.cpu_count() or 1, 8))
         self.gpu = self.device.type == "cuda"
-        self.bad_files = BadFileLog()
-        self.epoch, self.start_step = epoch, 0
-        epoch_batches(len(self.source), batch_size, rank, world_size, seed, epoch, drop_last=drop_last)
         self._pipe = None
         self._plan: list[np.ndarray] = []
         self._exhausted = True  # False while a pass is in flight: its prefetched batches would be stale
-
-    @property
-    def num_classes(self) -> int:
-        return self.source.num_classes
-
-    def __len__(self) -> int:
-        return steps_per_epoch(len(self.source), self.batch_size, self.world_size, self.drop_last)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
 
     # -- feeding -------------------------------------------------------------------------------------
     def _load(self, index: int) -> tuple[bytes, int, int, int]:
@@ -298,9 +283,8 @@ class DaliLoader:
         return torch.from_dlpack(out.as_tensor())
 
     def __iter__(self):
-        self._plan = epoch_batches(len(self.source), self.batch_size, self.rank, self.world_size, self.seed,
-                                   self.epoch, self.start_step, drop_last=self.drop_last)
-        self.epoch_in_flight, self.start_step = self.epoch, 0
+        self._plan = self.next_pass()
+        self.epoch_in_flight = self.epoch
         if self._pipe is None or not self._exhausted:
             self._pipe = None  # a pass left mid-way holds stale prefetched batches: rebuild (~1.5 s)
             self._pipe = self._build()

@@ -297,3 +297,36 @@ def check_encoded(data: bytes, name: str = "<bytes>") -> tuple[bytes, int, int]:
 
 def _png_bit_depth(data: bytes) -> int:
     return data[24] if len(data) > 25 and data.startswith(_PNG_SIG) else 0
+
+
+class ShardedLoader:
+    """State every backend's loader shares (the protocol in pipelines/__init__.py): the source, this rank's
+    shard, the epoch and the resume point. Subclasses implement `__iter__` over `next_pass()`."""
+
+    def __init__(self, source, spec, batch_size: int, device, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 epoch: int = 0, drop_last: bool = True):
+        self.source = source if isinstance(source, Source) else open_source(source)
+        self.spec, self.batch_size, self.device = spec, batch_size, device
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.bad_files = BadFileLog()
+        self.epoch, self.start_step = epoch, 0
+        self.next_pass()  # validates sharding and that one global batch fits, before any work starts
+        self.start_step = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.source.num_classes
+
+    def __len__(self) -> int:
+        return steps_per_epoch(len(self.source), self.batch_size, self.world_size, self.drop_last)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def next_pass(self) -> list:
+        """This rank's batches (index arrays) for the current epoch from the resume point; the resume
+        point applies to one pass only."""
+        batches = epoch_batches(len(self.source), self.batch_size, self.rank, self.world_size, self.seed,
+                                self.epoch, self.start_step, drop_last=self.drop_last)
+        self.start_step = 0
+        return batches

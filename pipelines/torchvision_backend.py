@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from pipelines.batch import Batch
-from pipelines.sources import BadFileLog, BadImage, Source, decode_pil, epoch_batches, open_source, sample_seed
-from pipelines.sources import steps_per_epoch
+from pipelines.sources import BadImage, Source, decode_pil, sample_seed
+from pipelines.sources import ShardedLoader
 from pipelines.spec import MultiCropSpec
 
 log = logging.getLogger(__name__)
@@ -90,21 +90,15 @@ def _worker_init(_):
     torch.set_num_threads(1)  # workers are the parallelism; intra-op threads would oversubscribe the cores
 
 
-class TorchvisionLoader:
+class TorchvisionLoader(ShardedLoader):
     """Loader protocol (see pipelines/__init__.py) over a torch DataLoader."""
 
     def __init__(self, source, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
                  drop_last: bool = True):
-        self.source = source if isinstance(source, Source) else open_source(source)
-        self.spec, self.batch_size, self.device = spec, batch_size, torch.device(device)
-        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        super().__init__(source, spec, batch_size, torch.device(device), rank, world_size, seed, epoch, drop_last)
         self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
         self.dataset = MultiCropDataset(self.source, spec, seed)
-        self.bad_files = BadFileLog()
-        self.epoch, self.start_step = epoch, 0
-        # validates sharding and that one global batch fits, before any work starts
-        epoch_batches(len(self.source), batch_size, rank, world_size, seed, epoch, drop_last=drop_last)
         self._plan: list[list[tuple[int, int]]] = []
         self._loader: DataLoader | None = None
 
@@ -121,21 +115,8 @@ class TorchvisionLoader:
             multiprocessing_context=context,
         )
 
-    @property
-    def num_classes(self) -> int:
-        return self.source.num_classes
-
-    def __len__(self) -> int:
-        return steps_per_epoch(len(self.source), self.batch_size, self.world_size, self.drop_last)
-
-    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
-
     def __iter__(self):
-        batches = epoch_batches(len(self.source), self.batch_size, self.rank, self.world_size, self.seed,
-                                self.epoch, self.start_step, drop_last=self.drop_last)
-        self.start_step = 0  # a resume point applies to one pass only
-        self._plan = [[(self.epoch, int(i)) for i in b] for b in batches]
+        self._plan = [[(self.epoch, int(i)) for i in b] for b in self.next_pass()]
         if self._loader is None:
             self._loader = self._make_loader()
         cuda = self.device.type == "cuda"
