@@ -187,6 +187,35 @@ def test_resume_mid_epoch_is_exact_and_batches_stay_valid(loader0):
     assert not torch.equal(other.global_views, full[0][0])  # another epoch, another order and views
 
 
+@pytest.mark.slow  # a second FFCV pipeline (numba compile)
+def test_held_batches_survive_ffcv_reusing_its_slots(beton):
+    """An epoch of 16 batches -- 4x FFCV's output slots (batches_ahead + 2) -- all held: none is overwritten;
+    batches dropped as a trainer drops them are recycled, so the buffer pool stays small."""
+    loader = build_loader(beton[0], SPEC, backend="ffcv", batch_size=4, device="cpu", seed=3, num_workers=2)
+    held = [(batch, batch.global_views.clone(), batch.local_views.clone()) for batch in loader]
+    assert len(held) == 16 and len(loader._outputs.buffers) >= 16
+    for batch, g, loc in held:
+        assert torch.equal(batch.global_views, g) and torch.equal(batch.local_views, loc)
+    held.clear()
+    for batch in loader:  # another epoch, each batch dropped when the next arrives
+        pass
+    assert len(loader._outputs.buffers) <= 17  # nothing new: the released buffers were reused
+    loader.close()
+
+
+def test_recycled_buffers_hand_out_only_unreferenced_memory():
+    from pipelines.ffcv_backend import RecycledBuffers
+
+    pool = RecycledBuffers((2, 5), np.float32)
+    view = pool[0][:1]  # like FFCV's destination[:count] kept by a Batch
+    other = pool[1]
+    assert not np.shares_memory(view, other) and len(pool.buffers) == 2
+    del other
+    assert len(pool.buffers) == 2 and not np.shares_memory(view, pool[2])  # the released one is reused
+    del view
+    assert len(pool.buffers) == 2
+
+
 def test_quasi_random_order_is_a_seeded_permutation(loader0):
     from pipelines.ffcv_backend import quasi_random_order
 
@@ -216,14 +245,14 @@ def test_dropping_the_iterator_stops_ffcv(loader0):
 # ---- kernels -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def photo(dtd10) -> np.ndarray:
-    """A real 64x64 texture crop, float32 HWC in [0, 1]."""
+    """A real 64x64 texture crop, float32 CHW in [0, 1] (the kernels' layout)."""
     path = sorted((dtd10 / "train").glob("*/*.jpg"))[5]
-    return decode_rgb(path.read_bytes())[:64, :64].astype(np.float32) / 255.0
+    hwc = decode_rgb(path.read_bytes())[:64, :64].astype(np.float32) / 255.0
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
-def _tv(img_hwc: np.ndarray, fn, *args, **kw) -> np.ndarray:
-    out = fn(torch.from_numpy(img_hwc).permute(2, 0, 1).contiguous(), *args, **kw)
-    return out.permute(1, 2, 0).numpy()
+def _tv(img: np.ndarray, fn, *args, **kw) -> np.ndarray:
+    return fn(torch.from_numpy(img), *args, **kw).numpy()
 
 
 @pytest.mark.parametrize("name, ours, theirs", [
@@ -237,9 +266,9 @@ def _tv(img_hwc: np.ndarray, fn, *args, **kw) -> np.ndarray:
     ("hue -0.07", lambda x: ops.adjust_hue(x, -0.07), lambda x: _tv(x, TF.adjust_hue, -0.07)),
     ("hue +0.5", lambda x: ops.adjust_hue(x, 0.5), lambda x: _tv(x, TF.adjust_hue, 0.5)),
     ("grayscale", ops.to_grayscale, lambda x: _tv(x, TF.rgb_to_grayscale, num_output_channels=3)),
-    ("blur 0.7", lambda x: ops.gaussian_blur(x, 0.7, 9, np.empty(x.size, np.float32)),
+    ("blur 0.7", lambda x: ops.gaussian_blur(x, 0.7, 9, np.empty(x[0].size, np.float32)),
      lambda x: _tv(x, TF.gaussian_blur, [9, 9], [0.7, 0.7])),
-    ("blur 2.0", lambda x: ops.gaussian_blur(x, 2.0, 9, np.empty(x.size, np.float32)),
+    ("blur 2.0", lambda x: ops.gaussian_blur(x, 2.0, 9, np.empty(x[0].size, np.float32)),
      lambda x: _tv(x, TF.gaussian_blur, [9, 9], [2.0, 2.0])),
     ("solarize", lambda x: ops.solarize(x, np.float32(128 / 255)), lambda x: _tv(x, TF.solarize, 128 / 255)),
 ])
