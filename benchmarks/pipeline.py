@@ -106,7 +106,22 @@ def decode_only_dali(args, device, seconds: float) -> float:
     return _rate(batches, seconds, device)
 
 
-DECODE_ONLY = {"torchvision": decode_only_torchvision, "dali": decode_only_dali}
+def decode_only_ffcv(args, device, seconds: float) -> float:
+    """FFCV's JPEG decoder on the same .beton, same threads: its CenterCropRGBImageDecoder to a 64-px
+    crop (FFCV has no decode-only operation; the small crop + resize adds little to the full decode)."""
+    from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
+    from ffcv.loader import Loader, OrderOption
+
+    threads = args.workers or min(os.cpu_count() or 1, 8)
+    torch_threads = torch.get_num_threads()  # FFCV sets torch's thread count as it builds
+    loader = Loader(args.beton, batch_size=args.batch_size, num_workers=threads, order=OrderOption.RANDOM,
+                    drop_last=True, os_cache=True,
+                    pipelines={"image": [CenterCropRGBImageDecoder((64, 64), 1.0)], "label": [IntDecoder()]})
+    torch.set_num_threads(torch_threads)
+    return _rate(lambda: iter(loader), seconds, device)
+
+
+DECODE_ONLY = {"torchvision": decode_only_torchvision, "dali": decode_only_dali, "ffcv": decode_only_ffcv}
 
 
 def _rate(make_iter, seconds: float, device) -> float:
