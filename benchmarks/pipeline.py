@@ -7,8 +7,9 @@ Backends run interleaved in one process (torchvision, dali, ... then again, `--r
 iterates the backend's loader (built once, epochs chained with `set_epoch`) for `--seconds` after one warm-up
 batch per loader. Reported: median images/s, its ratio to torchvision measured in the same process, peak
 RSS (this process + its worker processes) while that backend ran (all loaders stay alive for the
-interleaving, so it is a process-wide peak, not one backend's footprint), and a decode-only ceiling (the same
-source decoded with the backend's decoder and threads, no augmentation). One JSON line per backend on
+interleaving, so it is a process-wide peak, not one backend's footprint), a decode-only ceiling (the same
+source decoded with the backend's decoder and threads, no augmentation) and, for DALI, the ceiling of its
+one-thread Python feed. One JSON line per backend on
 stdout, a JSON list in `--json`, a table appended to BENCHMARKS.md.
 
 Adding a backend: register a loader factory in LOADERS (and optionally a decode-only function in
@@ -124,6 +125,27 @@ def decode_only_ffcv(args, device, seconds: float) -> float:
 DECODE_ONLY = {"torchvision": decode_only_torchvision, "dali": decode_only_dali, "ffcv": decode_only_ffcv}
 
 
+def feed_only_dali(args, device, seconds: float) -> float:
+    """The DALI loader's Python feed alone (read bytes, parse sizes, draw every view's parameters) on one
+    thread with the other cores idle: the most images/s one DALI loader can be fed, whatever the device."""
+    from types import SimpleNamespace
+
+    from pipelines.dali_backend import DaliLoader
+
+    loader = DaliLoader(args.data, SPEC_PRESETS[args.preset], args.batch_size, device)
+    plan = loader.next_pass()
+    loader._plan, loader.epoch_in_flight = plan, 0
+
+    def batches():
+        for i in range(len(plan)):
+            yield loader._feed(SimpleNamespace(iteration=i))
+
+    return _rate(batches, seconds, device)
+
+
+FEED_ONLY = {"dali": feed_only_dali}
+
+
 def _rate(make_iter, seconds: float, device) -> float:
     it = make_iter()
     next(it)  # warm-up
@@ -232,11 +254,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 rates[b].append(timed_run(states[b], args.seconds, device))
             peaks[b] = max(peaks[b], rss.peak)
             print(f"# run {r + 1}/{args.repeats} {b}: {rates[b][-1]:.1f} images/s", file=sys.stderr, flush=True)
-    decode = {}
+    decode, feed = {}, {}
     for b in backends:
         states.pop(b)  # free the augmenting loader (and its workers) first
+        short = args.decode_seconds or args.seconds / 2
         fn = DECODE_ONLY.get(b)
-        decode[b] = fn(args, device, args.decode_seconds or args.seconds / 2) * args.batch_size if fn else None
+        decode[b] = fn(args, device, short) * args.batch_size if fn else None
+        fn = FEED_ONLY.get(b)
+        feed[b] = fn(args, device, short) * args.batch_size if fn else None
 
     ref = statistics.median(rates["torchvision"]) if "torchvision" in rates else None
     results = []
@@ -246,6 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             "backend": b, "images_per_s": round(med, 1), "runs": [round(x, 1) for x in rates[b]],
             "ratio_to_torchvision": round(med / ref, 2) if ref else None,
             "peak_rss_mb": round(peaks[b] / 2**20), "decode_only_images_per_s": round(decode[b], 1) if decode[b] else None,
+            "feed_only_images_per_s": round(feed[b], 1) if feed[b] else None,
             "preset": args.preset, "batch_size": args.batch_size, "device": str(device), "seconds": args.seconds,
             "data": args.beton if b == "ffcv" else args.data, "machine": machine(),
         }
@@ -264,9 +290,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         append_rows(
             f"Multi-crop pipeline ({args.preset}, batch {args.batch_size}, {device})",
             ["backend", "images", "median images/s (runs)", "ratio to torchvision", "decode-only images/s",
-             "peak RSS MB"],
+             "Python feed images/s", "peak RSS MB"],
             [[r["backend"], images, f"{r['images_per_s']} ({', '.join(map(str, r['runs']))})",
-              r["ratio_to_torchvision"], r["decode_only_images_per_s"], r["peak_rss_mb"]] for r in results],
+              r["ratio_to_torchvision"], r["decode_only_images_per_s"], r["feed_only_images_per_s"] or "—",
+              r["peak_rss_mb"]] for r in results],
             note=f"{args.repeats} interleaved runs of {args.seconds:g} s per backend; source images/s with all "
                  f"{spec.num_views} views delivered to {device}.",
         )
