@@ -384,9 +384,9 @@ class FFCVLoader:
         keys = label_keys[:, 1].astype(np.uint64)
         self.batch_indices = (keys & np.uint64(INDEX_MASK)).astype(np.int64)
         labels = torch.from_numpy(label_keys[:, 0].copy())
-        if not self.gpu:
+        if not self.gpu:  # views made on the CPU; copied only when the device is a GPU (colour_ops="fused")
             g, loc = split_views(torch.from_numpy(images), count, self.spec)
-            return Batch(g, loc, labels.to(self.device))
+            return Batch(g.to(self.device), loc.to(self.device), labels.to(self.device))
         from pipelines.ffcv_gpu import augment_views
 
         params = batch_view_params(np.uint64(self.seed), keys, self._heights[self.batch_indices],

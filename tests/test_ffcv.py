@@ -383,6 +383,27 @@ def test_device_colour_path_end_to_end(beton, loader0):
     torch_path.close()
 
 
+@pytest.mark.gpu
+def test_ffcv_on_cuda_matches_the_fused_cpu_loader(beton, loader0):
+    """On CUDA, both colour paths deliver every tensor on the GPU and the same views as the fused CPU
+    loader: "auto" (uint8 views, ToDevice, torch colour ops on the GPU) and "fused" (CPU views, copied).
+    Tolerances cover TF32 convolutions in the GPU blur."""
+    from pipelines.ffcv_backend import build
+
+    for colour_ops in ("auto", "fused"):
+        on_gpu = build(beton[0], SPEC, batch_size=8, device="cuda", rank=0, world_size=2, seed=3, num_workers=2,
+                       colour_ops=colour_ops)
+        loader0.set_epoch(4)
+        on_gpu.set_epoch(4)
+        for cpu, dev in zip(loader0, on_gpu):
+            assert dev.global_views.is_cuda and dev.local_views.is_cuda and dev.labels.is_cuda
+            assert np.array_equal(loader0.batch_indices, on_gpu.batch_indices)
+            for a, b in ((cpu.global_views, dev.global_views), (cpu.local_views, dev.local_views)):
+                diff = (a - b.cpu()).abs()
+                assert diff.mean() < 2e-3 and diff.max() < 0.05, colour_ops
+        on_gpu.close()
+
+
 def test_modules_import_without_ffcv():
     """The project works without ffcv: our modules import, ffcv is only needed to build a loader."""
     code = ("import sys; sys.modules['ffcv'] = None\n"
