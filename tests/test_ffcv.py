@@ -17,7 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("ffcv")
+from pipelines import available  # noqa: E402
+
+if not available("ffcv"):  # find_spec, not an import: importing ffcv directly would set torch to 1 thread
+    pytest.skip("ffcv is not installed", allow_module_level=True)
 
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
@@ -191,8 +194,10 @@ def test_resume_mid_epoch_is_exact_and_batches_stay_valid(loader0):
 def test_held_batches_survive_ffcv_reusing_its_slots(beton):
     """An epoch of 16 batches -- 4x FFCV's output slots (batches_ahead + 2) -- all held: none is overwritten;
     batches dropped as a trainer drops them are recycled, so the buffer pool stays small."""
+    torch.set_num_threads(2)
     loader = build_loader(beton[0], SPEC, backend="ffcv", batch_size=4, device="cpu", seed=3, num_workers=2)
     held = [(batch, batch.global_views.clone(), batch.local_views.clone()) for batch in loader]
+    assert torch.get_num_threads() == 2  # FFCV's Loader and epoch thread set torch's count: we restore it
     assert len(held) == 16 and len(loader._outputs.buffers) >= 16
     for batch, g, loc in held:
         assert torch.equal(batch.global_views, g) and torch.equal(batch.local_views, loc)
@@ -402,6 +407,19 @@ def test_ffcv_on_cuda_matches_the_fused_cpu_loader(beton, loader0):
                 diff = (a - b.cpu()).abs()
                 assert diff.mean() < 2e-3 and diff.max() < 0.05, colour_ops
         on_gpu.close()
+
+
+def test_importing_ffcv_through_us_keeps_torch_threads(beton):
+    """ffcv's import sets torch.set_num_threads(1) -- a trainer would then run on one core."""
+    code = ("import sys, torch\n"
+            "torch.set_num_threads(2)\n"
+            "from pipelines.ffcv_backend import open_beton\n"
+            f"open_beton({str(beton[0])!r})\n"
+            "assert 'ffcv' in sys.modules\n"
+            "print(torch.get_num_threads())\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[-1] == "2"
 
 
 def test_modules_import_without_ffcv():
