@@ -192,19 +192,26 @@ def test_resume_mid_epoch_is_exact_and_batches_stay_valid(loader0):
 
 @pytest.mark.slow  # a second FFCV pipeline (numba compile)
 def test_held_batches_survive_ffcv_reusing_its_slots(beton):
-    """An epoch of 16 batches -- 4x FFCV's output slots (batches_ahead + 2) -- all held: none is overwritten;
-    batches dropped as a trainer drops them are recycled, so the buffer pool stays small."""
+    """An epoch of 13 batches (12 x 5 + a short one of 4, drop_last=False) -- 3x FFCV's output slots
+    (batches_ahead + 2) -- all held: none is overwritten; batches dropped as a trainer drops them are
+    recycled, so the buffer pool stays small."""
     torch.set_num_threads(2)
-    loader = build_loader(beton[0], SPEC, backend="ffcv", batch_size=4, device="cpu", seed=3, num_workers=2)
-    held = [(batch, batch.global_views.clone(), batch.local_views.clone()) for batch in loader]
+    loader = build_loader(beton[0], SPEC, backend="ffcv", batch_size=5, device="cpu", seed=3, num_workers=2,
+                          drop_last=False)
+    held, seen = [], []
+    for batch in loader:
+        held.append((batch, batch.global_views.clone(), batch.local_views.clone()))
+        seen.append(loader.batch_indices.copy())
     assert torch.get_num_threads() == 2  # FFCV's Loader and epoch thread set torch's count: we restore it
-    assert len(held) == 16 and len(loader._outputs.buffers) >= 16
+    assert len(held) == len(loader) == 13 and [len(b) for b in seen[-2:]] == [5, 4]
+    assert sorted(np.concatenate(seen).tolist()) == list(range(CLASSES * PER_CLASS))
+    assert held[-1][0].global_views.shape[0] == 4 and len(loader._outputs.buffers) >= 13
     for batch, g, loc in held:
         assert torch.equal(batch.global_views, g) and torch.equal(batch.local_views, loc)
     held.clear()
     for batch in loader:  # another epoch, each batch dropped when the next arrives
         pass
-    assert len(loader._outputs.buffers) <= 17  # nothing new: the released buffers were reused
+    assert len(loader._outputs.buffers) <= 14  # nothing new: the released buffers were reused
     loader.close()
 
 
