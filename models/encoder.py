@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
-import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.batchnorm import GlobalBatchNorm1d
 from models.registry import build_backbone, is_vit
 
 
@@ -17,32 +16,6 @@ class EncoderOutput(NamedTuple):
     global_emb: Tensor  # [G, B, K] embeddings of the global views (all views for non-ViT archs)
     all_emb: Tensor  # [V, B, K] embeddings of every view, globals first
     features: Tensor  # [V, B, D] pooled backbone features (input of the online probe)
-
-
-class GlobalBatchNorm1d(nn.BatchNorm1d):
-    """BatchNorm1d whose training statistics are taken over the whole DDP batch, on CPU (gloo) and GPU.
-
-    `nn.SyncBatchNorm` is GPU-only; this one uses two autograd-aware all-reduces of the per-feature
-    moments, so value and gradients equal one process on the concatenated batch (ranks hold equal batch
-    sizes). Without a process group it is plain BatchNorm1d.
-    """
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        world = dist.get_world_size()
-        moments = torch.stack([x.mean(0), x.square().mean(0)])
-        # functional collective: differentiable (backward = all-reduce of the grad), traceable by compile
-        moments = funcol.all_reduce(moments, "sum", dist.group.WORLD) / world
-        mean, var = moments[0], (moments[1] - moments[0].square()).clamp_min(0)
-        if self.track_running_stats:
-            with torch.no_grad():
-                n = x.shape[0] * world
-                self.num_batches_tracked.add_(1)
-                self.running_mean.lerp_(mean.detach().to(self.running_mean.dtype), self.momentum)
-                unbiased = var.detach() * n / max(n - 1, 1)
-                self.running_var.lerp_(unbiased.to(self.running_var.dtype), self.momentum)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight + self.bias
 
 
 def build_projector(in_dim: int, hidden_dim: int = 2048, proj_dim: int = 128) -> nn.Sequential:
@@ -64,6 +37,14 @@ class Encoder(nn.Module):
         self.feature_dim = self.backbone.num_features
         self.probe_dim = 2 * self.feature_dim if self.is_vit else self.feature_dim
         self.projector = build_projector(self.feature_dim, hidden_dim, proj_dim)
+        self.channels_last = False
+
+    def use_channels_last(self) -> "Encoder":
+        """Conv nets: weights and inputs in NHWC (cuDNN's and oneDNN's fast layout); a no-op for ViTs."""
+        if not self.is_vit:
+            self.channels_last = True
+            self.backbone.to(memory_format=torch.channels_last)
+        return self
 
     def forward(self, global_views: Tensor, local_views: Tensor) -> EncoderOutput:
         """`global_views` [B, G, 3, H, W], `local_views` [B, L, 3, h, w] (L may be 0).
@@ -73,8 +54,10 @@ class Encoder(nn.Module):
         """
         B, G = global_views.shape[:2]
         groups = [global_views] + ([local_views] if local_views.numel() else [])
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
         features = torch.cat(
-            [self.backbone(g.flatten(0, 1)).view(B, g.shape[1], -1).transpose(0, 1) for g in groups]
+            [self.backbone(g.flatten(0, 1).contiguous(memory_format=layout)).view(B, g.shape[1], -1).transpose(0, 1)
+             for g in groups]
         )  # [V, B, D]
         V = features.shape[0]
         all_emb = self.projector(features.flatten(0, 1)).view(V, B, -1)

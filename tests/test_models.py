@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from models import ARCHS, build_encoder, encoder_from_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
-from models.encoder import GlobalBatchNorm1d
+from models.batchnorm import GlobalBatchNorm1d, GlobalBatchNorm2d, globalise_batchnorm
 from pipelines.spec import SPEC_PRESETS
 
 torch.set_num_threads(2)
@@ -79,6 +82,64 @@ def test_global_batchnorm_is_batchnorm_without_process_group():
     x = torch.randn(16, 8) * 3 + 1
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+def _bn_problem():
+    """A small conv net with BatchNorm2d and BatchNorm1d (float64), and a batch of 8 images."""
+    g = torch.Generator().manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 4 * 4, 5), torch.nn.BatchNorm1d(5)).double()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    return net, torch.randn(8, 3, 6, 6, generator=g, dtype=torch.float64) * 2 + 1
+
+
+def _bn_worker(rank: int, world: int, tmp: str):
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    net, x = _bn_problem()
+    globalise_batchnorm(net)
+    model = torch.nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
+    shard = len(x) // world
+    out = model(x[rank * shard:(rank + 1) * shard])
+    out.square().sum().backward()  # a sum over the batch: DDP's mean of gradients x world = full-batch grad
+    buffers = {k: v for k, v in net.state_dict().items() if "running" in k}
+    torch.save((out.detach(), [p.grad * world for p in net.parameters()], buffers), f"{tmp}/rank{rank}.pt")
+    dist.barrier()
+    os._exit(0)  # see tests/test_sigreg.py: skip gloo's racy C++ teardown
+
+
+def test_global_batchnorm_under_ddp_equals_one_process_on_the_whole_batch(tmp_path):
+    net, x = _bn_problem()
+    ref_out = net(x)
+    ref_out.square().sum().backward()
+    ref_grads = [p.grad for p in net.parameters()]
+    ref_buffers = {k: v for k, v in net.state_dict().items() if "running" in k}
+    assert isinstance(globalise_batchnorm(_bn_problem()[0])[1], GlobalBatchNorm2d)
+
+    world = 2
+    mp.spawn(_bn_worker, args=(world, str(tmp_path)), nprocs=world, join=True)
+    for rank in range(world):
+        out, grads, buffers = torch.load(tmp_path / f"rank{rank}.pt")
+        torch.testing.assert_close(out, ref_out[rank * 4:(rank + 1) * 4], rtol=1e-10, atol=1e-10)
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref, rtol=1e-9, atol=1e-9)
+        for k, v in buffers.items():  # running statistics: the same update on every rank
+            torch.testing.assert_close(v, ref_buffers[k], rtol=1e-10, atol=1e-12, msg=k)
+
+
+def test_globalise_batchnorm_keeps_parameters_and_statistics():
+    net, x = _bn_problem()
+    net.train()(x)  # running statistics away from their init
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    globalise_batchnorm(net)
+    assert isinstance(net[1], GlobalBatchNorm2d) and isinstance(net[5], GlobalBatchNorm1d)
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+    net.eval()
+    ref, _ = _bn_problem()
+    ref.load_state_dict(before)
+    torch.testing.assert_close(net(x), ref.eval()(x))  # no process group: plain BatchNorm
 
 
 def _config():

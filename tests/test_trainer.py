@@ -136,6 +136,49 @@ def test_nan_loss_steps_are_skipped_then_the_run_stops_with_a_checkpoint(tmp_pat
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+def test_a_training_step_reads_nothing_back_and_skips_a_non_finite_step_on_the_device(tmp_path, monkeypatch):
+    """The step makes no device->host read (on a GPU each would drain the queue): it is checked here by
+    counting every Tensor -> Python read during a step; tests/test_gpu.py checks the same on CUDA with
+    torch.cuda.set_sync_debug_mode. A NaN batch then leaves weights, optimizer state and BN statistics as
+    they were, counted on the device."""
+    from pipelines import Batch
+    from trainer.train import Distributed, Training
+
+    cfg = tiny(tmp_path, tmp_path, arch="resnet18", patch_size=None, steps=5)
+    training = Training(cfg, Distributed(0, 1, torch.device("cpu"), False), num_classes=3, total=5, warmup=1)
+    training.distribute(0)
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(4, 2, 3, 32, 32, generator=g), torch.randn(4, 2, 3, 16, 16, generator=g),
+                  torch.tensor([0, 1, 2, -1]))
+    training.step(lambda: batch)  # first step: lazy optimizer state
+    reads = []
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _f=original, _n=name, **k: (reads.append(_n), _f(self, *a, **k))[1])
+    training.step(lambda: batch)
+    monkeypatch.undo()
+    assert reads == []
+
+    state = {k: v.clone() for k, v in training.module.state_dict().items()}
+    adam = [{k: v.clone() for k, v in s.items()} for s in training.optimizer.state.values()]
+    nan_batch = batch._replace(global_views=torch.full_like(batch.global_views, float("nan")))
+    training.step(lambda: nan_batch)
+    assert all(torch.equal(v, state[k]) for k, v in training.module.state_dict().items()
+               if "num_batches_tracked" not in k)
+    assert all(torch.equal(v, before[k]) for s, before in zip(training.optimizer.state.values(), adam)
+               for k, v in s.items())
+    figures, bad = training.read_window()
+    assert bad == 1 and figures[5] == 1  # SKIPPED
+    training.step(lambda: batch)  # a finite step again: the run of bad steps resets
+    assert training.read_window()[1] == 0
+    assert not torch.equal(training.module.state_dict()["encoder.backbone.conv1.weight"],
+                           state["encoder.backbone.conv1.weight"])
+
+
 # --------------------------------------------------------------------------------------- checkpoints
 
 

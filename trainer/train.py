@@ -5,29 +5,28 @@ probe/acc, perf/{images_per_s,data_wait_frac,step_ms}, image `views`), `checkpoi
 `--keep-ckpts`; format in models/checkpoint.py). A run dir that holds checkpoints is resumed from the
 latest readable one (a truncated latest file is reported and the previous one used); its recipe must match
 (RESUME_MUST_MATCH, the error names the field). `--no-resume` refuses such a dir instead of overwriting it.
-Resume is exact: model, optimizer, scheduler, scaler, every rank's RNG states and the loader position
-(epoch, batches consumed) are restored, so on CPU the losses after a kill -9 equal an uninterrupted run's.
+Resume is exact (trainer/checkpointing.py): on CPU the losses after a kill -9 equal an uninterrupted run's.
 
-Throughput choices: the batch arrives on the device from the loader; the SIGReg step counter lives on the
-device (no host sync to draw directions); loss figures stay on the device and are read only every
-`log_every` steps. The one per-step host sync is the finiteness check of the grad norm (needed to skip a
-NaN/Inf step on every rank alike; DDP has already all-reduced the grads, so all ranks see the same norm).
+Throughput: a step that does not log makes no host sync. The batch arrives on the device from the loader;
+the SIGReg step counter lives on the device (directions drawn without a sync); loss figures and the
+non-finite-step counters stay on the device and are read every `log_every` steps; a non-finite gradient
+skips the update on the device (fused AdamW's `found_inf`, as GradScaler does); BatchNorm statistics are
+all-reduced without a host sync (models/batchnorm.py); ranks agree on a preemption signal over a CPU (gloo)
+group, which never waits for the GPU.
 """
 
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
-import random
 import signal
-import subprocess
 import threading
 import time
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -38,11 +37,13 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from losses import SIGReg, lejepa_loss
-from models import build_encoder, list_checkpoints, load_checkpoint, save_checkpoint
+from models import build_encoder
+from models.batchnorm import globalise_batchnorm
 from models.checkpoint import atomic_open
-from pipelines import build_loader
+from pipelines import Batch, build_loader
 from pipelines.inspect import view_grid as pipeline_view_grid
-from trainer.config import RESUME_MUST_MATCH, TrainConfig, validate_config
+from trainer.checkpointing import Checkpointer, Progress, code_version, find_resume_checkpoint, restore
+from trainer.config import TrainConfig, validate_config
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning signals (--signal=USR1@90, scancel/preempt)
 
@@ -50,8 +51,17 @@ SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning signals (--signal=
 # ---------------------------------------------------------------------------------------------- set-up
 
 
-def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
-    """(rank, world_size, device, we_initialised_the_group) from the torchrun-style env vars."""
+@dataclass
+class Distributed:
+    rank: int
+    world: int
+    device: torch.device
+    owns_group: bool  # we initialised the process group (and destroy it at the end)
+    control: object = None  # CPU (gloo) group for host-side agreement; None when world == 1
+
+
+def setup_distributed(cfg: TrainConfig) -> Distributed:
+    """Rank, world size and device from the torchrun-style env vars; the process group when world > 1."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available() if cfg.device == "auto" else cfg.device == "cuda"
@@ -60,14 +70,19 @@ def setup_distributed(cfg: TrainConfig) -> tuple[int, int, torch.device, bool]:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 for fp32 matmuls/convolutions (the current API; the legacy allow_tf32 flags warn and can
+        # conflict with inductor's settings)
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
         torch.backends.cudnn.benchmark = True
-    owns_group = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
-        owns_group = True
-    return rank, world, device, owns_group
+    owns_group, control = False, None
+    if world > 1:
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                                    timeout=datetime.timedelta(minutes=10))
+            owns_group = True
+        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+    return Distributed(rank, world, device, owns_group, control)
 
 
 class TrainModule(nn.Module):
@@ -88,7 +103,8 @@ class TrainModule(nn.Module):
 
 
 def build_optimizer(module: TrainModule, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW; no weight decay on biases, norms, tokens and position embeddings (1-D params), nor the probe."""
+    """AdamW; no weight decay on biases, norms, tokens and position embeddings (1-D params), nor the probe.
+    Fused: one kernel per step, and it takes `found_inf` to skip a non-finite step on the device."""
     decay, no_decay = [], []
     for name, p in module.encoder.named_parameters():
         (decay if p.ndim >= 2 and "pos_embed" not in name and "token" not in name else no_decay).append(p)
@@ -96,7 +112,7 @@ def build_optimizer(module: TrainModule, cfg: TrainConfig) -> torch.optim.AdamW:
               {"params": no_decay, "weight_decay": 0.0}]
     if module.probe is not None:
         groups.append({"params": list(module.probe.parameters()), "weight_decay": 0.0})
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=None)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
 
 
 def lr_factor(step: int, total: int, warmup: int) -> float:
@@ -105,58 +121,6 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def rng_state() -> dict:
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-            "python": random.getstate()}
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    random.setstate(state["python"])
-
-
-def code_version() -> str:
-    try:
-        repo = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(repo), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _comparable(cfg: dict, name: str):
-    if name == "weight_decay":
-        return TrainConfig.from_dict(cfg).effective_weight_decay
-    value = cfg.get(name)
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in value.items()} if name == "spec" else value
-
-
-def find_resume_checkpoint(cfg: TrainConfig) -> dict | None:
-    """The checkpoint to resume from (latest valid in `out`), after checking it matches `cfg`."""
-    if not list_checkpoints(cfg.out):
-        return None
-    if not cfg.resume:
-        raise ValueError(f"--out {cfg.out} already holds checkpoints and --no-resume was given: "
-                         "choose an empty --out or drop --no-resume to continue that run")
-    ckpt = load_checkpoint(cfg.out)  # warns and falls back when the latest file is truncated
-    saved, now = ckpt["config"], cfg.to_dict()
-    for name in RESUME_MUST_MATCH:
-        if _comparable(saved, name) != _comparable(now, name):
-            raise ValueError(
-                f"checkpoint {ckpt['path']} was trained with {name}={_comparable(saved, name)!r} but this run "
-                f"has {name}={_comparable(now, name)!r}; use another --out (or the same settings) to resume"
-            )
-    return ckpt
 
 
 class PreemptionFlag:
@@ -188,6 +152,15 @@ class PreemptionFlag:
         if callable(handler):
             handler(self.signum, None)
 
+    def agreed(self, dd: Distributed) -> bool:
+        """Whether any rank was signalled: a MAX all-reduce on the CPU group (no wait for the GPU)."""
+        signalled = self.signum is not None
+        if dd.world == 1:
+            return signalled
+        flag = torch.tensor([int(signalled)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dd.control)
+        return bool(flag.item())
+
 
 def view_grid(batch, spec, n: int = 4) -> torch.Tensor:
     """[3, H, W] image for TensorBoard: the views of the first `n` samples, one row each."""
@@ -208,36 +181,173 @@ def _plain(d):
     return d
 
 
+# Figures summed on the device during a logging window, read once per log step.
+LOSS, PRED, SIGREG, CORRECT, LABELLED, SKIPPED = range(6)
+
+
+class Training:
+    """Everything one optimizer step needs, built from the config: encoder + probe, optimizer, LR schedule,
+    autocast/scaler, SIGReg, and the on-device figures of the logging window. `step()` is the whole training
+    step; the loop below and benchmarks/gpu_check.py (synthetic batches) call it."""
+
+    def __init__(self, cfg: TrainConfig, dd: Distributed, num_classes: int, total: int, warmup: int):
+        self.cfg, self.dd, self.total, self.warmup = cfg, dd, total, warmup
+        device = dd.device
+        encoder = build_encoder(cfg.arch, proj_dim=cfg.proj_dim, hidden_dim=cfg.hidden_dim,
+                                patch_size=cfg.patch_size, img_size=cfg.spec.global_size)
+        if device.type == "cuda":
+            encoder.use_channels_last()
+        self.module = TrainModule(encoder, num_classes).to(device)
+        if dd.world > 1:
+            globalise_batchnorm(self.module)  # every BN layer normalises over the global batch, no host sync
+        self.model = self.module  # wrapped by distribute()
+        self.optimizer = build_optimizer(self.module, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, self.total, self.warmup))
+        bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        # fp16 (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and self.amp_dtype == torch.float16)
+        self.sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed)
+        self.step_t = torch.zeros((), dtype=torch.int64, device=device)  # SIGReg's direction seed, on the device
+        self.sums = torch.zeros(6, device=device)  # LOSS..SKIPPED, summed over the logging window
+        self.bad_run = torch.zeros((), device=device)  # consecutive non-finite steps, counted on the device
+        # BatchNorm running statistics change in the forward: a skipped step puts them back
+        self.bn_buffers = [b for b in self.module.buffers() if b.is_floating_point()]
+
+    def distribute(self, step: int) -> None:
+        """DDP and torch.compile wrappers, after any checkpoint was loaded into the module."""
+        self.step_t.fill_(step)
+        if self.dd.world > 1:  # BN statistics are global already: nothing for DDP to broadcast each step
+            device = self.dd.device
+            self.model = DDP(self.module, device_ids=[device.index] if device.type == "cuda" else None,
+                             broadcast_buffers=False)
+        if self.cfg.compile:
+            self.model = torch.compile(self.model)
+
+    def step(self, next_batch) -> Batch:
+        """One optimizer step over `accum_steps` micro-batches from `next_batch()`; returns the last batch.
+        No host sync: a non-finite gradient skips the update on the device (all ranks alike: gradients are
+        all-reduced, so every rank sees the same norm)."""
+        cfg, sums, accum = self.cfg, self.sums, self.cfg.accum_steps
+        saved_buffers = [b.detach().clone() for b in self.bn_buffers]
+        for micro in range(accum):
+            batch = next_batch()
+            no_sync = self.dd.world > 1 and micro < accum - 1
+            with self.model.no_sync() if no_sync else contextlib.nullcontext(), \
+                    torch.autocast(self.dd.device.type, dtype=self.amp_dtype, enabled=cfg.amp):
+                out, logits = self.model(batch.global_views, batch.local_views)
+                # the loss in fp32: its terms are means of small differences that bf16 would quantise
+                parts = lejepa_loss(out.global_emb.float(), out.all_emb.float(), lambd=cfg.lambd,
+                                    sigreg=self.sigreg, step=self.step_t)
+                loss = parts.loss
+                if logits is not None:
+                    labels = batch.labels.expand(logits.shape[0], -1)  # [G, B]
+                    labelled = labels >= 0
+                    # sum / count (not 'mean'): a batch without labels gives 0, not 0/0 = NaN
+                    probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                                 ignore_index=-1, reduction="sum") / labelled.sum().clamp_min(1)
+                    loss = loss + probe_loss
+                    sums[CORRECT] += ((logits.argmax(-1) == labels) & labelled).sum()
+                    sums[LABELLED] += labelled.sum()
+                self.scaler.scale(loss / accum).backward()
+            sums[LOSS:SIGREG + 1] += torch.stack([parts.loss, parts.pred, parts.sigreg]).detach().float() / accum
+
+        if self.scaler.is_enabled():  # fp16: the scaler skips overflow steps itself and lowers its scale
+            self.scaler.unscale_(self.optimizer)
+        norm = nn.utils.clip_grad_norm_(self.module.encoder.parameters(), cfg.grad_clip or float("inf"))
+        if self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            found_inf = (~torch.isfinite(norm)).float()
+            self.optimizer.found_inf = found_inf  # fused AdamW leaves params and state untouched when 1
+            self.optimizer.step()
+            with torch.no_grad():
+                skip = found_inf.bool()
+                for saved, b in zip(saved_buffers, self.bn_buffers):
+                    b.copy_(torch.where(skip, saved, b))  # (a blend would keep the NaNs)
+            self.bad_run = (self.bad_run + 1) * found_inf
+            sums[SKIPPED] += found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step_t += 1
+        return batch
+
+    def read_window(self) -> tuple[list[float], int]:
+        """The logging window's sums (averaged over ranks where they are means) and the current run of
+        non-finite steps: the one host sync, at log steps. Resets the window."""
+        window = self.sums.clone()
+        if self.dd.world > 1:
+            dist.all_reduce(window)
+            window[[LOSS, PRED, SIGREG, SKIPPED]] /= self.dd.world  # means over ranks; probe counts stay sums
+        *figures, bad = torch.cat([window, self.bad_run.reshape(1)]).tolist()
+        self.sums.zero_()
+        return figures, int(bad)
+
+
+class StepLog:
+    """TensorBoard scalars, the progress bar and the throughput clock of the logging window."""
+
+    def __init__(self, writer: SummaryWriter | None, bar: tqdm, images_per_step: int):
+        self.writer, self.bar, self.images_per_step = writer, bar, images_per_step
+        self.last: dict = {}  # figures of the last logged step (the run's summary)
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0, self.wait, self.steps = time.perf_counter(), 0.0, 0
+
+    def log(self, step: int, sums: list[float], lr: float) -> None:
+        n, elapsed = self.steps, time.perf_counter() - self.t0
+        row = {"train/loss": sums[LOSS] / n, "train/pred": sums[PRED] / n, "train/sigreg": sums[SIGREG] / n,
+               "train/lr": lr, "perf/images_per_s": self.images_per_step * n / elapsed,
+               "perf/data_wait_frac": self.wait / elapsed, "perf/step_ms": 1000 * elapsed / n}
+        if sums[LABELLED]:
+            row["probe/acc"] = sums[CORRECT] / sums[LABELLED]
+        self.last = {"loss": row["train/loss"], **({"probe_acc": row["probe/acc"]} if "probe/acc" in row else {})}
+        if self.writer is not None:
+            for tag, value in row.items():
+                self.writer.add_scalar(tag, value, step)
+            self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", pred=f"{row['train/pred']:.4f}",
+                                 sigreg=f"{row['train/sigreg']:.3f}", acc=f"{row.get('probe/acc', math.nan):.3f}",
+                                 img_s=f"{row['perf/images_per_s']:.0f}",
+                                 wait=f"{row['perf/data_wait_frac']:.0%}", refresh=False)
+        self.reset()
+
+
 # ------------------------------------------------------------------------------------------------ run
 
 
 def run(cfg: TrainConfig) -> dict:
     """Train until cfg.steps/epochs, a preemption signal, or divergence. Returns a summary dict."""
     validate_config(cfg)
-    rank, world, device, owns_group = setup_distributed(cfg)
+    dd = setup_distributed(cfg)
     try:
-        return _train(cfg, rank, world, device)
+        return _train(cfg, dd)
     finally:
-        if owns_group and dist.is_initialized():
+        if dd.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dict:
-    out = Path(cfg.out)
-    if cfg.data is None:  # the embedded default: rank 0 writes it once, the others wait
-        from pipelines.embedded import materialise
+def _data_root(cfg: TrainConfig, dd: Distributed) -> str:
+    if cfg.data is not None:
+        return cfg.data
+    from pipelines.embedded import materialise  # the embedded default: rank 0 writes it once
 
-        if rank == 0:
-            materialise()
-        if world > 1:
-            dist.barrier()
-        data = str(materialise() / "train")
-    else:
-        data = cfg.data
+    if dd.rank == 0:
+        materialise()
+    if dd.world > 1:
+        dist.barrier()
+    return str(materialise() / "train")
+
+
+def _train(cfg: TrainConfig, dd: Distributed) -> dict:
+    rank, world = dd.rank, dd.world
+    out, data = Path(cfg.out), _data_root(cfg, dd)
     ckpt = find_resume_checkpoint(cfg)
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
-    loader = build_loader(data, cfg.spec, backend=cfg.backend, batch_size=cfg.batch_size, device=device,
+    loader = build_loader(data, cfg.spec, backend=cfg.backend, batch_size=cfg.batch_size, device=dd.device,
                           rank=rank, world_size=world, seed=cfg.seed, num_workers=cfg.num_workers)
     steps_per_epoch = len(loader) // cfg.accum_steps
     if steps_per_epoch < 1:
@@ -245,40 +355,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
     warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 10)
 
-    encoder = build_encoder(cfg.arch, proj_dim=cfg.proj_dim, hidden_dim=cfg.hidden_dim,
-                            patch_size=cfg.patch_size, img_size=cfg.spec.global_size)
-    module = TrainModule(encoder, loader.num_classes).to(device)
-    if world > 1 and device.type == "cuda":
-        module = nn.SyncBatchNorm.convert_sync_batchnorm(module)  # conv-net BN over the global batch (GPU only)
-    optimizer = build_optimizer(module, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup))
-    bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
-    amp_dtype = torch.bfloat16 if bf16 else torch.float16
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp and amp_dtype == torch.float16)  # fp16 GPUs only
-    sigreg = SIGReg(num_slices=cfg.num_slices, seed=cfg.seed)
-
-    step, epoch, pos = 0, 0, 0  # completed optimizer steps; loader epoch; batches consumed in that epoch
+    training = Training(cfg, dd, loader.num_classes, total, warmup)
+    progress = Progress()
     if ckpt is not None:
-        module.encoder.load_state_dict(ckpt["model"])
-        if module.probe is not None and ckpt["probe"] is not None:
-            module.probe.load_state_dict(ckpt["probe"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        step, epoch, pos = ckpt["step"], ckpt["epoch"], ckpt["step_in_epoch"]
-        if ckpt["world_size"] == world:
-            set_rng_state(ckpt["rng"][rank])
-        else:  # same data, other sharding: continue at the same fraction of the epoch (not bit-exact)
-            warnings.warn(f"resuming a {ckpt['world_size']}-rank checkpoint on {world} ranks: not bit-exact")
-            pos = pos * ckpt["world_size"] // world
-            set_rng_state(ckpt["rng"][0])
+        progress = restore(ckpt, training.module, training.optimizer, training.scheduler, training.scaler, loader,
+                           rank, world)
         if rank == 0:
-            print(f"resumed from {ckpt['path']} at step {step}", flush=True)
+            print(f"resumed from {ckpt['path']} at step {progress.step}", flush=True)
         del ckpt
-
-    model = DDP(module, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else module
-    if cfg.compile:
-        model = torch.compile(model)
+    training.distribute(progress.step)
 
     writer, version = None, code_version()
     if rank == 0:
@@ -286,147 +371,71 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
         write_yaml(out / "config.yaml", _plain(dict(cfg.to_dict(), data=data, world_size=world,
                                                     total_steps=total, code_version=version)))
         # purge_step drops events a killed run logged after its last checkpoint
-        writer = SummaryWriter(out / "tb", purge_step=step + 1 if step else None)
-
-    def checkpoint() -> None:
-        """Every rank contributes its RNG state; rank 0 writes the file atomically."""
-        rngs = [None] * world
-        if world > 1:
-            dist.all_gather_object(rngs, rng_state())
-        else:
-            rngs = [rng_state()]
-        if rank == 0:
-            e, p = (epoch + 1, 0) if pos >= len(loader) else (epoch, pos)
-            state = {"epoch": e, "step_in_epoch": p, "world_size": world, "config": cfg.to_dict(),
-                     "model": module.encoder.state_dict(),
-                     "probe": module.probe.state_dict() if module.probe is not None else None,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": rngs, "code_version": version}
-            save_checkpoint(state, out, step, keep=cfg.keep_ckpts)
-        if world > 1:
-            dist.barrier()
+        writer = SummaryWriter(out / "tb", purge_step=progress.step + 1 if progress.step else None)
+    checkpointer = Checkpointer(cfg, rank, world, training.module, training.optimizer, training.scheduler,
+                                training.scaler, loader, version)
 
     preempt = PreemptionFlag()
     preempt.install()
-    status, bad, skipped = "done", 0, 0
-    step_t = torch.tensor(step, device=device)  # SIGReg's direction seed, advanced on the device
-    images_per_step = cfg.batch_size * world * cfg.accum_steps
-    last: dict = {}  # figures of the last logged step
-    t_log, wait_log, steps_log = time.perf_counter(), 0.0, 0
-    loader.set_epoch(epoch, pos)
+    status, skipped = "done", 0
+    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
+    log = StepLog(writer, bar, cfg.batch_size * world * cfg.accum_steps)
+    loader.set_epoch(progress.epoch, progress.pos)
     batches = iter(loader)
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
-    model.train()
-    try:
-        while step < total:
-            # ---- forward/backward over accum_steps micro-batches
-            figures = torch.zeros(5, device=device)  # loss, pred, sigreg, probe correct, probe labelled
-            # BatchNorm running stats change in the forward: keep a copy (a few KB) to undo a skipped step
-            buffers = [b.detach().clone() for b in module.buffers() if b.is_floating_point()]
-            for micro in range(cfg.accum_steps):
-                t0 = time.perf_counter()
-                if pos >= len(loader):  # epoch boundary: reshuffle
-                    epoch, pos = epoch + 1, 0
-                    loader.set_epoch(epoch)
-                    batches = iter(loader)
-                batch = next(batches)
-                pos += 1
-                wait_log += time.perf_counter() - t0
-                sync = model.no_sync() if world > 1 and micro < cfg.accum_steps - 1 else contextlib.nullcontext()
-                with sync, torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
-                    out_, logits = model(batch.global_views, batch.local_views)
-                    # the loss in fp32: its terms are means of small differences that bf16 would quantise
-                    parts = lejepa_loss(out_.global_emb.float(), out_.all_emb.float(), lambd=cfg.lambd,
-                                        sigreg=sigreg, step=step_t)
-                    loss = parts.loss
-                    if logits is not None:
-                        labels = batch.labels.expand(logits.shape[0], -1)  # [G, B]
-                        labelled = labels >= 0
-                        # sum / count (not 'mean'): a batch without labels gives 0, not 0/0 = NaN
-                        probe_loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
-                                                     ignore_index=-1, reduction="sum") / labelled.sum().clamp_min(1)
-                        loss = loss + probe_loss
-                        figures[3] += ((logits.argmax(-1) == labels) & labelled).sum()
-                        figures[4] += labelled.sum()
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                figures[:3] += torch.stack([parts.loss, parts.pred, parts.sigreg]).detach().float() / cfg.accum_steps
 
-            # ---- optimizer step, skipped (on every rank alike) when the gradient is not finite
-            if scaler.is_enabled():
-                scaler.unscale_(optimizer)
-            norm = nn.utils.clip_grad_norm_(module.encoder.parameters(), cfg.grad_clip or float("inf"))
-            if scaler.is_enabled():  # fp16: the scaler skips overflow steps itself and lowers its scale
-                scaler.step(optimizer)
-                scaler.update()
-            elif torch.isfinite(norm).item():
-                optimizer.step()
-                bad = 0
-            else:
-                bad, skipped = bad + 1, skipped + 1
-                with torch.no_grad():
-                    for saved, b in zip(buffers, (b for b in module.buffers() if b.is_floating_point())):
-                        b.copy_(saved)
-                if rank == 0:
-                    tqdm.write(f"step {step + 1}: non-finite loss/gradient, step skipped ({bad} in a row)")
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            step_t += 1
-            steps_log += 1
+    def next_batch():
+        nonlocal batches
+        t0 = time.perf_counter()
+        if progress.pos >= len(loader):  # epoch boundary: reshuffle
+            progress.epoch, progress.pos = progress.epoch + 1, 0
+            loader.set_epoch(progress.epoch)
+            batches = iter(loader)
+        batch = next(batches)
+        progress.pos += 1
+        log.wait += time.perf_counter() - t0
+        return batch
+
+    training.model.train()
+    try:
+        while progress.step < total:
+            batch = training.step(next_batch)
+            progress.step += 1
+            step = progress.step
+            log.steps += 1
             bar.update(1)
 
-            # ---- logging (the only place loss figures leave the device)
+            # ---- logging: the only place figures leave the device
             if step % cfg.log_every == 0 or step == total:
-                if world > 1:
-                    dist.all_reduce(figures)  # sums: loss parts / world = mean over ranks
-                    figures[:3] /= world
-                loss_v, pred_v, sig_v, correct, labelled = figures.tolist()
-                elapsed = time.perf_counter() - t_log
-                row = {"train/loss": loss_v, "train/pred": pred_v, "train/sigreg": sig_v,
-                       "train/lr": scheduler.get_last_lr()[0],
-                       "perf/images_per_s": images_per_step * steps_log / elapsed,
-                       "perf/data_wait_frac": wait_log / elapsed,
-                       "perf/step_ms": 1000 * elapsed / steps_log}
-                if labelled:
-                    row["probe/acc"] = correct / labelled
-                last = {"loss": loss_v, **({"probe_acc": row["probe/acc"]} if labelled else {})}
-                if writer is not None:
-                    for tag, value in row.items():
-                        writer.add_scalar(tag, value, step)
-                    bar.set_postfix(loss=f"{loss_v:.4f}", pred=f"{pred_v:.4f}", sigreg=f"{sig_v:.3f}",
-                                    acc=f"{row.get('probe/acc', float('nan')):.3f}",
-                                    img_s=f"{row['perf/images_per_s']:.0f}",
-                                    wait=f"{row['perf/data_wait_frac']:.0%}", refresh=False)
-                t_log, wait_log, steps_log = time.perf_counter(), 0.0, 0
+                figures, bad = training.read_window()
+                log.log(step, figures, training.scheduler.get_last_lr()[0])
+                if figures[SKIPPED]:
+                    skipped += int(figures[SKIPPED])
+                    if rank == 0:
+                        tqdm.write(f"step {step}: {int(figures[SKIPPED])} non-finite loss/gradient step(s) skipped "
+                                   f"since the last log ({bad} in a row)")
+                if bad >= cfg.max_bad_steps:
+                    status = "diverged"
+                    checkpointer.save(progress)  # skipped steps left the weights at the last finite update
+                    if rank == 0:
+                        tqdm.write(f"stopping: {bad} consecutive non-finite steps (limit --max-bad-steps "
+                                   f"{cfg.max_bad_steps}); the weights of the last good step are in "
+                                   f"{out}/checkpoint_{step:06d}.pt. Lower --lr or raise --warmup.")
+                    break
             if writer is not None and cfg.image_every and step % cfg.image_every == 0:
                 writer.add_image("views", view_grid(batch, cfg.spec), step)
 
-            # ---- divergence, checkpoints, preemption
-            if bad >= cfg.max_bad_steps:
-                status = "diverged"
-                checkpoint()  # skipped steps left the weights at the last finite update
-                if rank == 0:
-                    tqdm.write(f"stopping: {bad} consecutive non-finite steps (limit --max-bad-steps "
-                               f"{cfg.max_bad_steps}); the weights of the last good step are in "
-                               f"{out}/checkpoint_{step:06d}.pt. Lower --lr or raise --warmup.")
-                break
+            # ---- checkpoints, preemption
             if step % cfg.ckpt_every == 0 and step < total:
-                checkpoint()
-            signalled = preempt.signum is not None
-            if world > 1 and (step % cfg.signal_sync_every == 0 or step == total):
-                flag = torch.tensor([float(signalled)], device=device)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                signalled = flag.item() > 0
-            elif world > 1:
-                signalled = False  # act only at agreed steps so all ranks save together
-            if signalled:
-                status = "preempted"
-                checkpoint()
+                checkpointer.save(progress)
+            if (world == 1 or step % cfg.signal_sync_every == 0 or step == total) and preempt.agreed(dd):
+                status = "preempted"  # every rank acts at the same agreed step, so they save together
+                checkpointer.save(progress)
                 if rank == 0:
                     tqdm.write(f"preempted at step {step}: checkpoint written to {out}")
                 break
         if status == "done":
-            checkpoint()
+            checkpointer.save(progress)
+        skipped += int(training.sums[SKIPPED].item())  # skipped since the last log (a preemption cut the window)
     finally:
         bar.close()
         if writer is not None:
@@ -436,5 +445,5 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device) -> dic
     if status == "preempted" and preempt.signum is not None:
         preempt.chain()  # e.g. submitit's SIGUSR1 handler: requeue the job
     preempt.uninstall()
-    return {"status": status, "step": step, "total_steps": total, "out": str(out), "skipped_steps": skipped,
-            "last": last}
+    return {"status": status, "step": progress.step, "total_steps": total, "out": str(out), "skipped_steps": skipped,
+            "last": log.last}
