@@ -137,7 +137,9 @@ def test_plan_length_warmup_and_text(small_folder):
                   "6 local x 32 px (scale 0.05-0.3)", f"{3 * per_epoch} steps = 3 epochs of {per_epoch} steps",
                   "ImageFolder, 36 images, 3 classes", "world size 2, 1 CPU thread(s) per rank"):
         assert piece in text, piece
+    from_loader = build_plan(cfg, world_size=2, device="cpu", steps_per_epoch=5)  # the trainer knows it exactly
+    assert (from_loader["steps_per_epoch"], from_loader["steps"]) == (5, 15)
     by_steps = build_plan(dataclasses.replace(cfg, epochs=None, steps=8), world_size=2, device="cpu")
     assert by_steps["epochs"] == pytest.approx(8 / per_epoch, abs=0.01)
     too_big = build_plan(dataclasses.replace(cfg, batch_size=64), world_size=2, device="cpu")
-    assert too_big["steps_per_epoch"] == 0 and "fewer than one global batch" in format_plan(too_big)
+    assert too_big["steps_per_epoch"] == 0 and "fewer images than one global batch" in format_plan(too_big)

@@ -20,7 +20,7 @@ import torch
 
 import pipelines
 from models import build_encoder, list_checkpoints
-from pipelines.sources import expand_braces, open_source, steps_per_epoch
+from pipelines import sources
 from trainer.config import LR_RULE, TrainConfig, scale_lr, warmup_steps
 
 
@@ -42,7 +42,7 @@ def data_visible(data: str | None) -> bool:
     """Whether this host sees --data (a submit host may not mount the cluster's filesystem)."""
     if data is None:
         return True
-    return Path(expand_braces(str(data))[0] if "{" in str(data) else data).exists()
+    return Path(sources.expand_braces(str(data))[0] if "{" in str(data) else data).exists()
 
 
 def describe_source(data: str | None) -> dict:
@@ -63,7 +63,7 @@ def describe_source(data: str | None) -> dict:
         return dict(info, kind=kind,
                     note=f"not visible from {socket.gethostname()}: the nodes check it when the job starts")
     if "{" in text:
-        shards = expand_braces(text)
+        shards = sources.expand_braces(text)
     elif path.is_dir():
         shards = sorted(str(p) for p in path.glob("*.tar"))  # a folder of shards, as open_source reads it
     else:
@@ -80,7 +80,7 @@ def describe_source(data: str | None) -> dict:
         reader = open_beton(path)
         labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
         return dict(info, samples=int(reader.num_samples), classes=int(labels.max()) + 1)
-    source = open_source(path)
+    source = sources.open_source(path)
     return dict(info, samples=len(source), classes=source.num_classes)
 
 
@@ -106,20 +106,22 @@ def describe_backend(backend: str, data: str | None, device: torch.device) -> st
 # ------------------------------------------------------------------------------------------- the plan
 def build_plan(cfg: TrainConfig, world_size: int, device: str | torch.device, source_info: dict | None = None,
                backend_choice: str | None = None, devices: str | None = None,
-               threads_per_rank: int | None = None) -> dict:
+               threads_per_rank: int | None = None, steps_per_epoch: int | None = None) -> dict:
     """What a run of `cfg` on `world_size` ranks of `device` will do (see the module docstring).
 
     source_info: `describe_source(data)` when the caller already has it; backend_choice: the backend line
-    when the caller already knows it; devices: free text for the hardware ("4 nodes x 8 GPUs").
+    when the caller already knows it; devices: free text for the hardware ("4 nodes x 8 GPUs");
+    steps_per_epoch: optimizer steps per epoch when the caller has the loader (the trainer: exact for tar
+    shards too), else estimated from the number of samples.
     """
     device = torch.device(device)
     params = count_parameters(cfg)
     data = source_info if source_info is not None else describe_source(cfg.data)
     global_batch = cfg.global_batch(world_size)
 
-    per_epoch = None
-    if data.get("samples") is not None:
-        per_epoch = steps_per_epoch(data["samples"], cfg.batch_size, world_size) // cfg.accum_steps
+    per_epoch = steps_per_epoch
+    if per_epoch is None and data.get("samples") is not None:
+        per_epoch = sources.steps_per_epoch(data["samples"], cfg.batch_size, world_size) // cfg.accum_steps
     total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch if per_epoch is not None else None
     epochs = cfg.epochs if cfg.epochs is not None else round(total / per_epoch, 2) if per_epoch else None
 
@@ -188,7 +190,7 @@ def format_plan(plan: dict) -> str:
     elif plan["steps_per_epoch"] is None:
         length = f"{plan['steps']:,} steps"
     elif plan["steps_per_epoch"] == 0:
-        length = (f"{plan['steps']:,} steps; ! {d['samples']:,} images are fewer than one global batch "
+        length = (f"{plan['steps']:,} steps; ! the data holds fewer images than one global batch "
                   f"({b['global']:,}): the trainer will refuse this")
     else:
         length = f"{plan['steps']:,} steps = {plan['epochs']:g} epochs of {plan['steps_per_epoch']:,} steps"
