@@ -123,7 +123,7 @@ def build_plan(cfg: TrainConfig, world_size: int, device: str | torch.device, so
     if per_epoch is None and data.get("samples") is not None:
         per_epoch = sources.steps_per_epoch(data["samples"], cfg.batch_size, world_size) // cfg.accum_steps
     total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch if per_epoch is not None else None
-    epochs = cfg.epochs if cfg.epochs is not None else round(total / per_epoch, 2) if per_epoch else None
+    epochs = cfg.epochs if cfg.epochs is not None else float(f"{total / per_epoch:.3g}") if per_epoch else None
 
     lr_note = None
     if cfg.base_batch is not None:
