@@ -1,11 +1,14 @@
 """Launch LeJEPA pretraining on SLURM through submitit: one task per GPU, requeue on timeout/preemption.
 
-    python launchers/slurm.py --arch vit_l --nodes 4 --partition gpu --time 72:00:00 --out /shared/runs/vitl
+    python launchers/slurm.py --arch vit_l --nodes 4 --data /shared/imagenet/train --out /shared/runs/vitl
     python launchers/slurm.py --preset cpu-small --gpus-per-node 0 --nodes 2 --wait          # CPU tasks
     python launchers/slurm.py --preset cpu-small --array lambd=0.02,0.05,0.1 --gpus-per-node 0  # job array
-    python launchers/slurm.py ... --dry-run         # print the sbatch script, submit nothing
+    python launchers/slurm.py ... --dry-run         # print the sbatch script and the plan, submit nothing
 
-Training flags are those of launchers/local.py (trainer.config.add_config_args). Every task runs
+Training flags are those of launchers/local.py (trainer.config.add_config_args); the preset defaults to
+`seed`, the paper's recipe, and a run on it needs --data (the embedded Fashion-MNIST set is for the CPU
+demo, `--preset cpu-small`). The LR is scaled to the job's global batch (trainer.config). Before submitting,
+the launcher prints the run's plan (trainer.plan). Every task runs
 `trainer.run(cfg)` with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT taken from SLURM by
 submitit's TorchDistributedEnvironment. SLURM sends SIGUSR1 `--signal-delay` seconds before the time limit
 (and a preempting scheduler sends SIGTERM or SIGUSR1): the trainer saves a checkpoint and chains to
@@ -37,11 +40,15 @@ if __package__ in (None, ""):  # `python launchers/slurm.py` from a checkout: ma
 import submitit  # noqa: E402
 from submitit.slurm.slurm import _make_sbatch_string  # noqa: E402  (the function submitit submits with)
 
-from trainer.config import TrainConfig, add_config_args, config_from_args, validate_config  # noqa: E402
+from trainer.config import DEMO_PRESET, TrainConfig, add_config_args, config_from_args, validate_config  # noqa: E402
+from trainer.plan import build_plan, data_visible, describe_source, format_plan  # noqa: E402
 
 UP_SCRIPT = "launchers/cluster/up.sh"
 NO_CLUSTER_HINT = (f"To try this launcher on one machine, start the local test cluster: sudo {UP_SCRIPT} "
                    "(see README, 'SLURM').")
+# CPUs per GPU rank when --cpus-per-task is not given and sinfo cannot tell the node's CPUs and GPUs
+# (a dry run off the cluster): the loader's decode threads and the main thread of one GPU.
+DEFAULT_CPUS_PER_GPU = 8
 
 
 class LaunchError(Exception):
@@ -92,13 +99,16 @@ class TrainTask:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p)
+    p.set_defaults(preset="seed")  # the paper's recipe: what a cluster is for
     s = p.add_argument_group("SLURM (submitit)")
     s.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     s.add_argument("--gpus-per-node", type=int, default=8,
                    help="GPUs per node, one task (trainer rank) per GPU (default 8; 0 = CPU tasks)")
     s.add_argument("--tasks-per-node", type=int,
                    help="CPU jobs only: ranks per node (default 1); with GPUs it is --gpus-per-node")
-    s.add_argument("--cpus-per-task", type=int, help="CPUs per rank (data loading workers + main thread)")
+    s.add_argument("--cpus-per-task", type=int,
+                   help="CPUs per rank (data loading + main thread); default for GPU ranks: the node's CPUs / "
+                        f"GPUs as sinfo lists them, else {DEFAULT_CPUS_PER_GPU}; for CPU tasks SLURM's (1)")
     s.add_argument("--partition", help="partition (default: the cluster's default partition)")
     s.add_argument("--account", help="account to charge")
     s.add_argument("--qos", help="quality of service")
@@ -173,10 +183,27 @@ def member_name(assignments: list[tuple[str, str]]) -> str:
     return "_".join(f"{flag.lstrip('-').replace('-', '_')}={value}" for flag, value in assignments)
 
 
-def build_configs(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser) -> list[TrainConfig]:
-    """One config per job (array member), each validated, --out made absolute (the nodes run elsewhere).
-    Array values go through the flag's own parser, so they are typed and checked like any other flag."""
-    base = config_from_args(args)
+def tasks_per_node(args: argparse.Namespace) -> int:
+    """Ranks per node: one per GPU, or --tasks-per-node CPU tasks. Raises LaunchError on a bad count."""
+    if args.nodes < 1:
+        raise LaunchError(f"--nodes must be >= 1, got {args.nodes}")
+    if args.gpus_per_node < 0:
+        raise LaunchError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
+    if args.gpus_per_node > 0 and args.tasks_per_node not in (None, args.gpus_per_node):
+        raise LaunchError(f"--tasks-per-node {args.tasks_per_node}: with GPUs there is one task per GPU "
+                          f"(--gpus-per-node {args.gpus_per_node}); use --gpus-per-node 0 for CPU tasks")
+    tasks = args.gpus_per_node or (args.tasks_per_node if args.tasks_per_node is not None else 1)
+    if tasks < 1:
+        raise LaunchError(f"--tasks-per-node must be >= 1, got {args.tasks_per_node}")
+    return tasks
+
+
+def build_configs(args: argparse.Namespace, argv: list[str], parser: argparse.ArgumentParser,
+                  world_size: int) -> list[TrainConfig]:
+    """One config per job (array member), each validated, --out made absolute (the nodes run elsewhere),
+    the LR resolved for `world_size` ranks. Array values go through the flag's own parser, so they are typed
+    and checked like any other flag. A --data this host cannot see is left for the nodes to check."""
+    base = config_from_args(args, world_size=world_size)
     out = Path(base.out).resolve()
     if not args.array:
         configs = [dataclasses.replace(base, out=str(out))]
@@ -188,27 +215,66 @@ def build_configs(args: argparse.Namespace, argv: list[str], parser: argparse.Ar
                 member_args = parser.parse_args(argv + extra)
             except SystemExit as e:  # argparse already printed which value was bad
                 raise LaunchError(f"--array: bad value in {' '.join(extra)}") from e
-            cfg = config_from_args(member_args)
+            cfg = config_from_args(member_args, world_size=world_size)
             configs.append(dataclasses.replace(cfg, out=str(out / member_name(assignments))))
     for cfg in configs:
-        validate_config(cfg)
+        validate_config(cfg, check_data=data_visible(cfg.data))
     return configs
 
 
-def slurm_parameters(args: argparse.Namespace, num_jobs: int) -> dict:
+def require_data(configs: list[TrainConfig]) -> None:
+    """A cluster trains on real data: only the CPU demo preset may fall back to the embedded set."""
+    for cfg in configs:
+        if cfg.data is None and cfg.preset != DEMO_PRESET:
+            raise LaunchError(f"--data is required for a cluster run (--preset {cfg.preset}): give an ImageFolder "
+                              "dir, webdataset tar shards or a .beton on a filesystem every node sees. The embedded "
+                              f"Fashion-MNIST set is only for the CPU demo (--preset {DEMO_PRESET}).")
+
+
+_GPU_GRES = re.compile(r"(?:^|,)gpu(?::[\w.-]+)?:(\d+)")
+
+
+def cpus_per_gpu_from_sinfo(text: str, partition: str | None, gpus_per_node: int) -> int | None:
+    """CPUs per GPU on the smallest node of `partition` (default: the one sinfo marks with *), from the output
+    of `sinfo -h -o %P|%c|%G` (partition, CPUs per node, generic resources such as gpu:a100:8(S:0-1)).
+    A node whose gres lists no GPU counts `gpus_per_node` (the request). None when no line matches."""
+    fits = []
+    for line in text.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 3 or not fields[1].rstrip("+").isdigit():
+            continue
+        name, cpus, gres = fields
+        wanted = name.rstrip("*") == partition if partition is not None else name.endswith("*")
+        if not wanted:
+            continue
+        gpus = sum(int(n) for n in _GPU_GRES.findall(gres)) or gpus_per_node
+        fits.append(int(cpus.rstrip("+")) // gpus)  # "64+": nodes of 64 CPUs or more
+    return max(1, min(fits)) if fits else None
+
+
+def cpus_per_task(args: argparse.Namespace) -> tuple[int | None, str]:
+    """(--cpus-per-task for the job, where the number comes from). GPU ranks without the flag get the node's
+    CPUs / GPUs; CPU tasks without it keep SLURM's default (None: one CPU)."""
+    if args.cpus_per_task is not None:
+        if args.cpus_per_task < 1:
+            raise LaunchError(f"--cpus-per-task must be >= 1, got {args.cpus_per_task}")
+        return args.cpus_per_task, "--cpus-per-task"
+    if not args.gpus_per_node:
+        return None, "SLURM's default for CPU tasks"
+    try:
+        out = _run(["sinfo", "-h", "-o", "%P|%c|%G"], timeout=10).stdout if shutil.which("sinfo") else ""
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    found = cpus_per_gpu_from_sinfo(out, args.partition, args.gpus_per_node)
+    where = f"partition {args.partition}" if args.partition else "the default partition"
+    if found is None:
+        return DEFAULT_CPUS_PER_GPU, f"default {DEFAULT_CPUS_PER_GPU} per GPU: sinfo does not list {where} here"
+    return found, f"sinfo: the node's CPUs / GPUs in {where}"
+
+
+def slurm_parameters(args: argparse.Namespace, num_jobs: int, cpus: int | None = None) -> dict:
     """sbatch parameters in submitit's SlurmExecutor vocabulary (also what --dry-run renders)."""
-    if args.nodes < 1:
-        raise LaunchError(f"--nodes must be >= 1, got {args.nodes}")
-    if args.gpus_per_node < 0:
-        raise LaunchError(f"--gpus-per-node must be >= 0, got {args.gpus_per_node}")
-    if args.gpus_per_node > 0 and args.tasks_per_node not in (None, args.gpus_per_node):
-        raise LaunchError(f"--tasks-per-node {args.tasks_per_node}: with GPUs there is one task per GPU "
-                          f"(--gpus-per-node {args.gpus_per_node}); use --gpus-per-node 0 for CPU tasks")
-    tasks = args.gpus_per_node or (args.tasks_per_node if args.tasks_per_node is not None else 1)
-    if tasks < 1:
-        raise LaunchError(f"--tasks-per-node must be >= 1, got {args.tasks_per_node}")
-    if args.cpus_per_task is not None and args.cpus_per_task < 1:
-        raise LaunchError(f"--cpus-per-task must be >= 1, got {args.cpus_per_task}")
+    tasks = tasks_per_node(args)
     if args.signal_delay < 0 or args.max_timeouts < 0 or args.array_parallelism < 1:
         raise LaunchError("--signal-delay and --max-timeouts must be >= 0, --array-parallelism >= 1")
     minutes = parse_time(args.time)
@@ -221,13 +287,13 @@ def slurm_parameters(args: argparse.Namespace, num_jobs: int) -> dict:
         time=minutes,
         signal_delay_s=args.signal_delay,
         # Threads per rank follow the CPUs SLURM gave it; the job must use the trainer's signal (see top).
-        setup=["export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}", "export SUBMITIT_PREEMPT_SIGNAL=USR1"],
+        setup=[f"export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{cpus or 1}}}", "export SUBMITIT_PREEMPT_SIGNAL=USR1"],
         # Requeueable even where the cluster's JobRequeue default is 0 (preemption, node failure, requeue).
         additional_parameters={"requeue": True},
     )
     if args.gpus_per_node:
         params["gpus_per_node"] = args.gpus_per_node
-    optional = dict(cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, qos=args.qos,
+    optional = dict(cpus_per_task=cpus, partition=args.partition, account=args.account, qos=args.qos,
                     constraint=args.constraint, exclude=args.exclude)
     params.update({k: v for k, v in optional.items() if v is not None})
     if args.mem is not None:
@@ -334,24 +400,58 @@ def report_end(job) -> bool:
     return True
 
 
+def plans_text(configs: list[TrainConfig], args: argparse.Namespace, world: int, cpus: int | None,
+               cpus_why: str) -> str:
+    """The plan of the first job, then what differs for each other array member (data described once)."""
+    gpus = args.gpus_per_node
+    devices = (f"{args.nodes} node(s) x {gpus} GPU(s)" if gpus
+               else f"{args.nodes} node(s) x {world // args.nodes} CPU task(s)")
+    sources: dict = {}
+    plans = []
+    for cfg in configs:
+        if cfg.data not in sources:
+            sources[cfg.data] = describe_source(cfg.data)
+        plans.append(build_plan(cfg, world_size=world, device="cuda" if gpus else "cpu",
+                                source_info=sources[cfg.data], devices=devices, threads_per_rank=cpus or 1))
+    lines = [format_plan(plans[0]), f"  slurm    --cpus-per-task {cpus or 1} ({cpus_why}), OMP_NUM_THREADS the same"]
+    first = _flat(plans[0])
+    for cfg, plan in zip(configs[1:], plans[1:]):
+        changed = {k: v for k, v in _flat(plan).items() if first.get(k) != v}
+        lines.append(f"  member {Path(cfg.out).name}: " + ", ".join(f"{k} {v}" for k, v in changed.items()))
+    return "\n".join(lines)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        configs = build_configs(args, argv, parser)
-        params = slurm_parameters(args, len(configs))
+        world = args.nodes * tasks_per_node(args)
+        configs = build_configs(args, argv, parser, world)
+        cpus, cpus_why = cpus_per_task(args)
+        params = slurm_parameters(args, len(configs), cpus)
+        require_data(configs)
+        plan = plans_text(configs, args, world, cpus, cpus_why)
         # submitit's pickles and logs, shared by array members: on a filesystem every node sees, like --out
         folder = Path(config_from_args(args).out).resolve() / "slurm"
         if args.dry_run:
             print(sbatch_script(folder, params, len(configs)))
             for cfg in configs:
                 print(f"# member out: {cfg.out}")
+            print(plan)
             return 0
         check_cluster(args.partition)
     except (LaunchError, ValueError) as e:  # ValueError: the trainer's own config checks
         print(f"slurm.py: error: {e}", file=sys.stderr)
         return 2
+    print(plan, flush=True)
 
     executor = make_executor(folder, params, args.max_timeouts)
     try:
@@ -362,7 +462,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slurm.py: error: sbatch refused the job: {str(e).strip()}{hint}", file=sys.stderr)
         return 2
 
-    world = params["ntasks_per_node"] * params["nodes"]
     devices = f"{params['gpus_per_node']} GPU(s)/node" if "gpus_per_node" in params else "CPU tasks"
     for job, cfg in zip(jobs, configs):
         stdout, stderr = log_paths(job)

@@ -346,8 +346,8 @@ def test_pca_rgb_follows_the_principal_axes():
 # 16-px views gave non-finite first steps) trained on imagenette160 for about 90 s on 2 cores: long enough
 # for LeJEPA to beat random init.
 PRETRAIN_FLAGS = ["--preset", "cpu-small", "--arch", "resnet18", "--global-size", "32", "--local-size", "16",
-                  "--local-views", "2", "--batch-size", "32", "--backend", "torchvision", "--num-workers", "1",
-                  "--image-every", "0", "--log-every", "50", "--no-amp"]
+                  "--local-views", "2", "--batch-size", "32", "--lr", "2e-3", "--backend", "torchvision",
+                  "--num-workers", "1", "--image-every", "0", "--log-every", "50", "--no-amp"]
 PRETRAIN_STEPS = 200
 
 

@@ -238,29 +238,76 @@ def launch(capsys, *argv) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_dry_run_prints_the_sbatch_script_for_gpu_nodes(capsys, tmp_path):
-    code, out, _ = launch(capsys, "--arch", "vit_l", "--nodes", 4, "--partition", "main", "--time", "2-00:00:00",
-                          "--out", tmp_path, "--dry-run")
-    assert code == 0
+CLUSTER_DATA = "/cluster/only/imagenet/train"  # a --data on the cluster's filesystem, not mounted here
+
+
+def test_headline_dry_run_plans_the_seed_recipe_on_32_gpus(capsys, tmp_path):
+    """`slurm.py --arch vit_l --nodes 4` is the paper's recipe on 4 x 8 GPUs, and the dry run says so."""
+    from trainer.config import PRESETS
+
+    code, out, err = launch(capsys, "--arch", "vit_l", "--nodes", 4, "--data", CLUSTER_DATA, "--partition", "main",
+                            "--time", "2-00:00:00", "--out", tmp_path, "--dry-run")
+    assert code == 0, err
+    lines = out.splitlines()
     for line in ("#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
                  "#SBATCH --time=2880", "#SBATCH --signal=USR1@120", "#SBATCH --requeue",
                  "#SBATCH --partition=main", f"#SBATCH --output={tmp_path}/slurm/%j_0_log.out"):
-        assert line in out.splitlines(), line
+        assert line in lines, line
     assert re.search(r"^srun .* -m submitit.core._submit " + re.escape(str(tmp_path / "slurm")), out, re.M)
+    # GPU ranks get CPUs (sinfo's node CPUs / GPUs, or the stated default) and their threads follow them
+    cpus = int(re.search(r"^#SBATCH --cpus-per-task=(\d+)$", out, re.M).group(1))
+    assert f"export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{cpus}}}" in lines
+    assert re.search(rf"^  slurm +--cpus-per-task {cpus} \((sinfo|default)", out, re.M)
+    # the plan, beside the script: seed recipe, its views, 32 ranks, the LR scaled to the global batch
+    seed = PRESETS["seed"]
+    global_batch = seed["batch_size"] * 4 * 8
+    lr = seed["lr"] * global_batch / seed["base_batch"]
+    plan = out.split("# member out:")[1]
+    for piece in ("plan: preset seed", "vit_l (patch 14)", "2 global x 224 px (scale 0.3-1)",
+                  "6 local x 98 px (scale 0.05-0.3)", f"64 per rank x 32 rank(s) x 1 accumulation = {global_batch:,}",
+                  f"lr       {lr:.3g} = {seed['lr']:.3g} x {global_batch:,} / {seed['base_batch']:,} (linear",
+                  "100 epochs", f"{CLUSTER_DATA}: a folder", "not visible from", "auto -> ",
+                  "4 node(s) x 8 GPU(s), world size 32", f"out      {tmp_path}"):
+        assert piece in plan, piece
+    assert lr == pytest.approx(2e-3)  # 4x the seed's 8-GPU batch of 512 at 5e-4
     assert not (tmp_path / "slurm").exists()  # nothing written, nothing submitted
 
 
+def test_cluster_run_without_data_is_refused_except_for_the_cpu_demo(capsys, tmp_path):
+    code, out, err = launch(capsys, "--arch", "vit_l", "--nodes", 4, "--out", tmp_path, "--dry-run")
+    assert code == 2 and "--data is required for a cluster run (--preset seed)" in err
+    assert "--preset cpu-small" in err and "Traceback" not in err and "#SBATCH" not in out
+    code, out, err = launch(capsys, "--preset", "cpu-small", "--gpus-per-node", 0, "--out", tmp_path, "--dry-run")
+    assert code == 0 and "embedded Fashion-MNIST" in out, err
+
+
+def test_node_cpus_per_gpu_from_sinfo():
+    from launchers.slurm import cpus_per_gpu_from_sinfo
+
+    # `sinfo -h -o %P|%c|%G`: the default partition is starred; "+" when its nodes differ (the least is shown)
+    listing = "gpu*|96|gpu:a100:8(S:0-1)\ngpu*|64+|gpu:8\nbig|256|gpu:h100:4,shard:8\ncpu|128|(null)\n"
+    assert cpus_per_gpu_from_sinfo(listing, None, 8) == min(96 // 8, 64 // 8)
+    assert cpus_per_gpu_from_sinfo(listing, "big", 8) == 256 // 4
+    assert cpus_per_gpu_from_sinfo(listing, "cpu", 8) == 128 // 8  # no GPU gres: the request's count
+    assert cpus_per_gpu_from_sinfo("main*|2|(null)", None, 8) == 1  # never 0
+    assert cpus_per_gpu_from_sinfo(listing, "nosuch", 8) is None
+
+
 def test_dry_run_cpu_tasks_and_array(capsys, tmp_path):
-    code, out, _ = launch(capsys, "--gpus-per-node", 0, "--tasks-per-node", 2, "--nodes", 3, "--cpus-per-task", 4,
-                          "--mem", "8G", "--array", "lambd=0.02,0.05,0.1", "--out", tmp_path, "--dry-run")
+    code, out, _ = launch(capsys, "--preset", "cpu-small", "--gpus-per-node", 0, "--tasks-per-node", 2, "--nodes", 3,
+                          "--cpus-per-task", 4, "--mem", "8G", "--array", "lambd=0.02,0.05,0.1", "--out", tmp_path,
+                          "--dry-run")
     assert code == 0
     lines = out.splitlines()
     for line in ("#SBATCH --nodes=3", "#SBATCH --ntasks-per-node=2", "#SBATCH --cpus-per-task=4",
-                 "#SBATCH --mem=8GB", "#SBATCH --array=0-2%3"):
+                 "#SBATCH --mem=8GB", "#SBATCH --array=0-2%3", "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-4}"):
         assert line in lines, line
     assert not any("gpus" in line for line in lines)
     for lambd in ("0.02", "0.05", "0.1"):
         assert f"# member out: {tmp_path}/lambd={lambd}" in lines
+    # one plan, then what each other member changes
+    assert out.count("plan: preset cpu-small") == 1 and "3 node(s) x 2 CPU task(s), world size 6" in out
+    assert f"  member lambd=0.05: lambd 0.05, out {tmp_path}/lambd=0.05" in lines
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -273,6 +320,8 @@ def test_dry_run_cpu_tasks_and_array(capsys, tmp_path):
     (["--array", "lambd"], "expected FLAG=V1,V2"),
     (["--array", "lambd=0.1,7"], "--lambd must be in [0, 1]"),
     (["--arch", "vit_xxl"], "unknown arch 'vit_xxl'"),
+    (["--cpus-per-task", "0"], "--cpus-per-task must be >= 1"),
+    ([], "--data is required for a cluster run"),
 ])
 def test_bad_input_is_one_clear_error_before_submission(capsys, tmp_path, argv, message):
     code, out, err = launch(capsys, *argv, "--out", tmp_path)
@@ -282,13 +331,14 @@ def test_bad_input_is_one_clear_error_before_submission(capsys, tmp_path, argv, 
 
 @pytest.mark.slurm
 def test_unknown_partition_is_refused(cluster, capsys, tmp_path):
-    code, _, err = launch(capsys, "--partition", "nosuch", "--gpus-per-node", 0, "--out", tmp_path)
+    code, _, err = launch(capsys, "--partition", "nosuch", "--preset", "cpu-small", "--gpus-per-node", 0,
+                          "--out", tmp_path)
     assert code == 2 and "--partition 'nosuch' is not a partition" in err and "main" in err and "preempt" in err
 
 
 def test_no_sbatch_on_path_points_to_the_local_cluster_script(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # no SLURM client here
-    code, _, err = launch(capsys, "--gpus-per-node", 0, "--out", tmp_path)
+    code, _, err = launch(capsys, "--preset", "cpu-small", "--gpus-per-node", 0, "--out", tmp_path)
     assert code == 2 and "no `sbatch` on PATH" in err and "launchers/cluster/up.sh" in err
 
 
@@ -298,7 +348,7 @@ def test_unreachable_controller_points_to_the_local_cluster_script(cluster, caps
     bad = tmp_path / "slurm.conf"  # same cluster, but a port where no controller listens
     bad.write_text(re.sub(r"^SlurmctldPort=\d+", "SlurmctldPort=1", conf, flags=re.M))
     monkeypatch.setenv("SLURM_CONF", str(bad))
-    code, _, err = launch(capsys, "--gpus-per-node", 0, "--out", tmp_path)
+    code, _, err = launch(capsys, "--preset", "cpu-small", "--gpus-per-node", 0, "--out", tmp_path)
     assert code == 2 and "no SLURM controller reachable" in err and "launchers/cluster/up.sh" in err
 
 

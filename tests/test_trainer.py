@@ -322,6 +322,31 @@ def test_presets_fill_unset_flags_and_flags_win():
     assert (seed.arch, seed.epochs, seed.steps, seed.lr, seed.spec) == ("vit_l", 100, None, 1e-4, SPEC_PRESETS["seed"])
 
 
+def test_local_preset_is_seed_with_cuda_and_cpu_small_without(monkeypatch):
+    """The device query is patched both ways: no GPU exists on the CI machines, so the CUDA case can only be
+    simulated here (nothing CUDA runs: only the flag defaults are read)."""
+    import launchers.local as local
+
+    for cuda, preset in ((True, "seed"), (False, "cpu-small")):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert local.parse_args([]).preset == preset
+        assert local.parse_args(["--preset", "cpu-small"]).preset == "cpu-small"  # --preset overrides
+        assert local.parse_args(["--preset", "seed"]).preset == "seed"
+
+
+def test_local_dry_run_prints_the_cpu_preset_plan_and_starts_nothing(tmp_path, capsys):
+    assert launcher_main(["--dry-run", "--out", str(tmp_path / "x")]) == 0
+    out = capsys.readouterr().out
+    expected = "plan: preset seed" if torch.cuda.is_available() else "plan: preset cpu-small"
+    assert out.startswith(expected)
+    if not torch.cuda.is_available():
+        for piece in ("resnet18", "2 global x 64 px", "6 local x 32 px", "64 per rank x 1 rank(s)",
+                      "300 steps", "embedded Fashion-MNIST (JPEG ImageFolder), 5,000 images, 10 classes",
+                      "1 CPU process(es), world size 1"):
+            assert piece in out, piece
+    assert not (tmp_path / "x").exists()
+
+
 def test_embedded_fashion_mnist_is_a_balanced_imagefolder(tmp_path):
     import numpy as np
     from PIL import Image

@@ -19,23 +19,40 @@ from pipelines.spec import SPEC_PRESETS, MultiCropSpec
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Presets fill every field the user did not set on the command line.
+#
+# Learning rate: a preset's `lr` is stated for a reference global batch `base_batch` (images per optimizer step,
+# batch_size x world size x accum_steps). Unless --lr is given, the launch scales it linearly to the run's global
+# batch: lr = lr_preset x global_batch / base_batch (`scale_lr`). Linear, as the AdamW multi-crop SSL recipes
+# do: DINO (facebookresearch/dino, main_dino.py: "args.lr * (batch_size_per_gpu * world_size) / 256.  # linear
+# scaling rule", its --lr "specified here for a reference batch size of 256"); LeJEPA's own code
+# (rbalestr-lab/lejepa, MINIMAL.md) fixes one LR for one batch (2e-3 at 256, ViT-S/8) and states no rule, so
+# we keep DINO's. The warmup (10 % of the run by default) is what keeps a linearly scaled peak stable.
+# An --lr given on the command line is used as is.
 PRESETS: dict[str, dict] = {
     # The seed recipe (LeJEPA ViT-L/14, 2x224 + 6x98 views): AdamW 5e-4, wd 5e-2, λ 0.05, 1024 slices,
-    # 100 epochs; 64 images per GPU (x 8 GPUs = 512 per step) fits an 80 GB card in bf16.
-    "seed": dict(arch="vit_l", patch_size=None, batch_size=64, lr=5e-4, epochs=100, warmup=None, lambd=0.05,
-                 num_slices=1024, proj_dim=128, hidden_dim=2048, log_every=50, image_every=2000,
+    # 100 epochs; 64 images per GPU (x 8 GPUs = 512 per step) fits an 80 GB card in bf16. The 5e-4 is for that
+    # global batch of 512: 4 nodes x 8 GPUs (2048 per step) train at 2e-3.
+    "seed": dict(arch="vit_l", patch_size=None, batch_size=64, lr=5e-4, base_batch=512, epochs=100, warmup=None,
+                 lambd=0.05, num_slices=1024, proj_dim=128, hidden_dim=2048, log_every=50, image_every=2000,
                  ckpt_every=2500),
     # Tiny views (2x64 + 6x32 px) and ResNet-18 (~3x the images/s of ViT-tiny/8 on 2 cores) so a CPU run
     # learns something in minutes; `--arch vit_t` gets patch 8 (64 px -> 8x8 tokens). A short run wants a
-    # larger λ (SIGReg is still far from Gaussian after a few hundred steps) and a higher LR.
-    "cpu-small": dict(arch="resnet18", patch_size=8, batch_size=64, lr=2e-3, steps=300, warmup=None, lambd=0.1,
-                      num_slices=256, proj_dim=64, hidden_dim=512, log_every=10, image_every=100,
+    # larger λ (SIGReg is still far from Gaussian after a few hundred steps) and a higher LR: 2e-3 for one
+    # process of 64 images.
+    "cpu-small": dict(arch="resnet18", patch_size=8, batch_size=64, lr=2e-3, base_batch=64, steps=300, warmup=None,
+                      lambd=0.1, num_slices=256, proj_dim=64, hidden_dim=512, log_every=10, image_every=100,
                       ckpt_every=100),
 }
+# The preset that may train on the embedded Fashion-MNIST set on a cluster (everything else needs --data there).
+DEMO_PRESET = "cpu-small"
+LR_RULE = "linear"
 
-# A resumed run must agree with its checkpoint on these (anything else, e.g. --steps, may change).
+# A resumed run must agree with its checkpoint on these (anything else, e.g. --steps, may change). The LR is
+# compared as the recipe states it (base_lr at base_batch), not as scaled: the scaled LR depends on the world
+# size, and a run resumed on another world size keeps the LR it was launched with (`resumed_config`; the
+# optimizer and scheduler state restored from the checkpoint carry that LR anyway).
 RESUME_MUST_MATCH = ("arch", "patch_size", "proj_dim", "hidden_dim", "spec", "batch_size", "accum_steps",
-                     "lr", "weight_decay", "lambd", "num_slices", "seed")
+                     "base_lr", "base_batch", "weight_decay", "lambd", "num_slices", "seed")
 
 
 @dataclass
@@ -49,7 +66,9 @@ class TrainConfig:
     epochs: int | None = None
     batch_size: int = 64  # per rank, per micro-batch
     accum_steps: int = 1
-    lr: float = 5e-4  # peak AdamW LR after warmup; cosine to lr/1000
+    lr: float = 5e-4  # peak AdamW LR after warmup (after batch scaling); cosine to lr/1000
+    base_lr: float | None = None  # the LR as the recipe states it, for `base_batch`; None: = lr
+    base_batch: int | None = None  # reference global batch of base_lr; None: lr given explicitly, not scaled
     weight_decay: float | None = None  # None: 5e-2 for ViT/ConvNeXt (AdamW-style nets), 5e-4 for ResNet
     warmup: int | None = None  # warmup steps; None: 10 % of the run
     grad_clip: float = 1.0  # max global grad norm of the encoder; 0 = no clipping
@@ -71,6 +90,14 @@ class TrainConfig:
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops as "diverged"
     signal_sync_every: int = 5  # DDP: steps between all-reduces that agree on a preemption signal
     spec: MultiCropSpec = field(default_factory=MultiCropSpec)
+
+    def __post_init__(self) -> None:
+        if self.base_lr is None:  # an LR set directly (API, --lr) is its own base
+            self.base_lr = self.lr
+
+    def global_batch(self, world_size: int) -> int:
+        """Images per optimizer step over all ranks."""
+        return self.batch_size * world_size * self.accum_steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)  # the spec becomes a plain dict too
@@ -107,13 +134,15 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--data", help="ImageFolder dir, webdataset tar(s) or .beton (default: embedded Fashion-MNIST)")
     g.add_argument("--backend", help=f"input pipeline: {', '.join(BACKENDS)} (default auto)")
     g.add_argument("--out", help="run dir: checkpoints, tb/, config.yaml (default runs/default)")
-    g.add_argument("--preset", help=f"recipe defaults: {', '.join(PRESETS)} (default cpu-small)")
+    g.add_argument("--preset", help=f"recipe defaults: {', '.join(PRESETS)} (default: slurm.py seed; local.py seed "
+                                    "with CUDA, cpu-small without)")
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="total optimizer steps")
     length.add_argument("--epochs", type=int, help="total epochs (alternative to --steps)")
     g.add_argument("--batch-size", type=int, help="images per rank per micro-batch")
     g.add_argument("--accum-steps", type=int, help="micro-batches per optimizer step (default 1)")
-    g.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine to lr/1000)")
+    g.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine to lr/1000), used as given; "
+                                         "default: the preset's LR scaled linearly to the global batch")
     g.add_argument("--weight-decay", type=float, help="AdamW weight decay (default 5e-2 ViT/ConvNeXt, 5e-4 ResNet)")
     g.add_argument("--warmup", type=int, help="warmup steps (default 10%% of the run)")
     g.add_argument("--grad-clip", type=float, help="max grad norm (0 = off; default 1.0)")
@@ -147,10 +176,20 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
+def scale_lr(base_lr: float, global_batch: int, base_batch: int) -> float:
+    """The linear scaling rule (LR_RULE): base_lr is right for base_batch images per step."""
+    return base_lr * global_batch / base_batch
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """Resolve flags + preset into a TrainConfig (unknown preset -> ValueError listing the valid ones)."""
+def config_from_args(args: argparse.Namespace, world_size: int = 1) -> TrainConfig:
+    """Resolve flags + preset into a TrainConfig (unknown preset -> ValueError listing the valid ones).
+
+    `world_size` is the number of ranks the launcher will start: without --lr, the preset's LR is scaled to
+    the global batch batch_size x world_size x accum_steps, once, here (the trainer and its checkpoints use
+    the result). An explicit --lr is kept as given.
+    """
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
     given = {k: v for k, v in vars(args).items() if v is not None}
     preset = given.get("preset", TrainConfig.preset)
     if preset not in PRESETS:
@@ -168,7 +207,27 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     spec_changes = {k: tuple(given[k]) if isinstance(given[k], list) else given[k] for k in SPEC_FLAGS if k in given}
     values["spec"] = SPEC_PRESETS[preset].replace(**spec_changes)
     values["preset"] = preset
+    base_batch = values.pop("base_batch", None)
+    if "lr" not in given and base_batch is not None:
+        cfg = TrainConfig(**values)
+        values.update(base_lr=cfg.lr, base_batch=base_batch,
+                      lr=scale_lr(cfg.lr, cfg.global_batch(world_size), base_batch))
     return TrainConfig(**values)
+
+
+def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """The config a resumed run trains with: this launch's, but with the LR the run was launched with.
+
+    The scaled LR is resolved once, at the run's first launch: a run resumed on another world size (same
+    base_lr/base_batch, which RESUME_MUST_MATCH checks) goes on with the LR its optimizer and scheduler
+    state hold, and config.yaml / new checkpoints record that LR rather than one this world size would give.
+    """
+    return dataclasses.replace(cfg, lr=saved.get("lr", cfg.lr))
+
+
+def warmup_steps(cfg: TrainConfig, total: int) -> int:
+    """Warmup length of a run of `total` steps: --warmup, else 10 % of the run."""
+    return cfg.warmup if cfg.warmup is not None else max(1, total // 10)
 
 
 def _has_image(root: Path) -> bool:
@@ -178,8 +237,11 @@ def _has_image(root: Path) -> bool:
     return False
 
 
-def validate_config(cfg: TrainConfig) -> None:
-    """Raise a ValueError naming the bad field before any process or loader starts."""
+def validate_config(cfg: TrainConfig, check_data: bool = True) -> None:
+    """Raise a ValueError naming the bad field before any process or loader starts.
+
+    `check_data=False` skips looking at --data (a SLURM submit host that does not mount the cluster's
+    filesystem: the nodes check it when the job starts)."""
     if cfg.arch not in ARCHS:
         raise ValueError(f"unknown arch {cfg.arch!r}; valid: {', '.join(ARCHS)}")
     if cfg.backend not in BACKENDS:
@@ -206,7 +268,9 @@ def validate_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--lambd must be in [0, 1], got {cfg.lambd}")
     if cfg.patch_size is not None and not is_vit(cfg.arch):
         raise ValueError(f"--patch-size only applies to ViT archs, not {cfg.arch!r}")
-    if cfg.data is not None:
+    if cfg.base_batch is not None and cfg.base_batch < 1:
+        raise ValueError(f"base_batch must be >= 1, got {cfg.base_batch}")
+    if cfg.data is not None and check_data:
         validate_data(cfg.data)
 
 
