@@ -101,6 +101,10 @@ def test_loop_runs_logs_every_tag_and_checkpoints(tmp_path, imagenette, backend)
 
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["arch"] == "vit_t" and saved["spec"]["global_size"] == 32 and saved["total_steps"] == 4
+    # the run's plan, as the launcher printed it: in config.yaml and as TensorBoard text
+    assert (saved["plan"]["arch"], saved["plan"]["steps"], saved["plan"]["world_size"]) == ("vit_t", 4, 1)
+    assert saved["plan"]["views"]["local"] == {"count": 2, "size": 16, "scale": [0.05, 0.3]}
+    assert "plan/text_summary" in acc.Tags()["tensors"]
 
     files = list_checkpoints(tmp_path / "run")
     assert [f.name for f in files] == ["checkpoint_000002.pt", "checkpoint_000004.pt"]

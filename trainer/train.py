@@ -43,7 +43,8 @@ from models.checkpoint import atomic_open
 from pipelines import Batch, build_loader
 from pipelines.inspect import view_grid as pipeline_view_grid
 from trainer.checkpointing import Checkpointer, Progress, code_version, find_resume_checkpoint, restore
-from trainer.config import TrainConfig, validate_config
+from trainer.config import TrainConfig, resumed_config, validate_config, warmup_steps
+from trainer.plan import build_plan, format_plan
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning signals (--signal=USR1@90, scancel/preempt)
 
@@ -345,6 +346,8 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
     rank, world = dd.rank, dd.world
     out, data = Path(cfg.out), _data_root(cfg, dd)
     ckpt = find_resume_checkpoint(cfg)
+    if ckpt is not None:
+        cfg = resumed_config(cfg, ckpt["config"])  # the LR the run was launched with (scaled once, at launch)
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     loader = build_loader(data, cfg.spec, backend=cfg.backend, batch_size=cfg.batch_size, device=dd.device,
@@ -353,7 +356,7 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
     if steps_per_epoch < 1:
         raise ValueError(f"--data {data}: {len(loader)} batches per epoch < --accum-steps {cfg.accum_steps}")
     total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-    warmup = cfg.warmup if cfg.warmup is not None else max(1, total // 10)
+    warmup = warmup_steps(cfg, total)
 
     training = Training(cfg, dd, loader.num_classes, total, warmup)
     progress = Progress()
@@ -367,11 +370,14 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
 
     writer, version = None, code_version()
     if rank == 0:
+        plan = build_plan(cfg, world_size=world, device=dd.device, steps_per_epoch=steps_per_epoch,
+                          threads_per_rank=torch.get_num_threads())
         out.mkdir(parents=True, exist_ok=True)
         write_yaml(out / "config.yaml", _plain(dict(cfg.to_dict(), data=data, world_size=world,
-                                                    total_steps=total, code_version=version)))
+                                                    total_steps=total, code_version=version, plan=plan)))
         # purge_step drops events a killed run logged after its last checkpoint
         writer = SummaryWriter(out / "tb", purge_step=progress.step + 1 if progress.step else None)
+        writer.add_text("plan", "    " + format_plan(plan).replace("\n", "\n    "), progress.step)  # verbatim
     checkpointer = Checkpointer(cfg, rank, world, training.module, training.optimizer, training.scheduler,
                                 training.scaler, loader, version)
 
