@@ -446,10 +446,11 @@ class StreamStats:
 
 
 def _read_shard(url: str, sample: int, byte: int, timeout: float, retries: int, retry_delay: float,
-                stats: StreamStats) -> Iterator[tuple[Group, int]]:
+                stats: StreamStats, failed: set | None = None) -> Iterator[tuple[Group, int]]:
     """Groups of shard `url` from group number `sample` at byte `byte` on, with the number of groups read
     after each. A failure re-opens the shard at the first group not yet yielded, after 1, 2, 4 ...
-    x retry_delay seconds; after `retries` retries without progress the shard is skipped (one log line)."""
+    x retry_delay seconds; after `retries` retries without progress the shard is skipped (one log line,
+    its URL added to `failed`)."""
     failures = 0
     stats.add("shards_opened")
     while True:
@@ -468,6 +469,8 @@ def _read_shard(url: str, sample: int, byte: int, timeout: float, retries: int, 
             stats.last_error = why
             if failures > retries:
                 stats.add("shards_skipped")
+                if failed is not None:
+                    failed.add(url)
                 log.warning("skipping shard %s after %d attempt(s), %d sample(s) read: %s", url, failures,
                             sample, why)
                 return
@@ -606,6 +609,7 @@ class ShardStream:
         self._state = self._epoch_start()
         self._resume: dict | None = None
         self._pass = None
+        self._failed: set[str] = set()
 
     def __len__(self) -> int:
         return self.steps
@@ -704,6 +708,7 @@ class ShardStream:
             return {"lap": lap, "rr": rr, "readers": [list(p) for p in pos]}
 
         block, done = state["block"], state["block_emitted"]
+        self._failed = set()  # shards skipped in this pass: a later lap does not try them again
         try:
             for w in range(self.readers):
                 iters[w] = start(w)
@@ -735,9 +740,11 @@ class ShardStream:
         for c in range(cursor, len(shards)):
             index = shards[c]
             url = self.source.shards[index]
+            if url in self._failed:
+                continue
             first_sample, first_byte = (sample, byte) if c == cursor else (0, 0)
             for group, n in _read_shard(url, first_sample, first_byte, self.timeout, self.retries, self.retry_delay,
-                                        self.stats):
+                                        self.stats, self._failed):
                 image, label = image_and_label(group.members)
                 name = f"{url}#{group.key}"
                 if image is None:
