@@ -322,7 +322,7 @@ def test_shard_broken_for_good_is_skipped_logged_and_the_epoch_filled(shards, se
     # what shard 3 delivered: the samples wholly in its first half, each once
     groups = groups_of(shards["dir"] / "train-003.tar")
     half = (shards["dir"] / "train-003.tar").stat().st_size // 2
-    whole = {g.members["jpg"] for g in groups if g.end is not None and g.end <= half}
+    whole = {g.members["jpg"] for g in groups if g.end is not None and g.end + 512 <= half}  # next header read
     data = [s.data for s in got if "/train-003.tar#" in s.name]
     assert 0 < len(whole) < 6 and sorted(data) == sorted(whole)  # not read again in the lap either
 
