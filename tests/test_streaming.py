@@ -444,3 +444,55 @@ def test_startup_reads_only_what_the_first_batch_needs(tmp_path):
             assert first.data.startswith(b"\xff\xd8") and len(stream) == n // 2
     assert opened[10, 0] == opened[10_000, 0] == 4  # the one block of 4 samples (1-sample shards), no more
     assert opened[10_000, 8] <= 4 + 2 * (8 + 1)  # read-ahead bounded by the prefetch depth, not by n
+
+
+# ------------------------------------------------------------------------------------------------
+# The tar reader
+
+
+def _tar(members: list[tuple[str, bytes]], fmt=tarfile.PAX_FORMAT) -> bytes:
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=fmt) as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_tar_reader_groups_keys_like_webdataset(fmt):
+    deep = "d" * 60 + "/" + "e" * 30  # > 100 characters with the file name: ustar prefix, GNU 'L', pax path
+    members = [(f"{deep}/a.jpg", b"A" * 700), (f"{deep}/a.cls", b"3"), (f"{deep}/a.json", b"{}"),
+               ("b.seg.png", b"B"), ("b.png", b"P" * 10), ("b.label", b" 7\n"), ("README", b"no key"),
+               ("c.cls", b"1")]
+    data = _tar(members, fmt)
+    groups = list(iter_groups(io.BytesIO(data)))
+    assert [g.key for g in groups] == [f"{deep}/a", "b", "c"]
+    assert groups[0].members == {"jpg": b"A" * 700, "cls": b"3"}  # image + label kept, others dropped
+    assert groups[1].members == {"png": b"P" * 10, "label": b" 7\n"}  # "seg.png" is not an image extension
+    assert groups[2].members == {"cls": b"1"} and groups[2].end is None
+    # each group's `end` is the next one's `start`: reading from there gives the rest of the shard
+    rest = list(iter_groups(io.BytesIO(data[groups[0].end:]), base=groups[0].end))
+    assert rest == groups[1:]
+    # a shard cut short (no end-of-archive block) or a bad offset is an error, not a short shard
+    with pytest.raises(tarfile.ReadError, match="end of data"):
+        list(iter_groups(io.BytesIO(data[: groups[2].start])))
+    inside = data.index(b"A" * 700)  # a resume offset inside a member's data
+    with pytest.raises(tarfile.ReadError, match=f"bad tar header at byte {inside}"):
+        list(iter_groups(io.BytesIO(data[inside:]), base=inside))
+
+
+def test_sample_without_image_is_counted_and_skipped(tmp_path, caplog):
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, format="JPEG")
+    for k in range(2):
+        (tmp_path / f"s-{k}.tar").write_bytes(_tar([(f"x{k}.jpg", jpeg.getvalue()), (f"x{k}.cls", b"1"),
+                                                   (f"y{k}.cls", b"2"), (f"z{k}.jpg", jpeg.getvalue())]))
+    with caplog.at_level(logging.WARNING, logger="pipelines.streaming"):
+        stream = ShardStream(str(tmp_path), batch_size=2, samples_per_shard=2, **FAST)  # a folder of shards
+        got = list(stream)
+    assert sorted(s.name.rsplit("#", 1)[1] for s in got) == ["x0", "x1", "z0", "z1"]
+    assert sorted(s.label for s in got) == [-1, -1, 1, 1]  # no label member: -1
+    assert stream.bad_samples.total == 2 and sorted(stream.bad_samples.counts) == [f"{tmp_path}/s-{k}.tar#y{k}" for k in range(2)]
+    assert sum("no image member" in r.getMessage() for r in caplog.records) == 2
