@@ -32,8 +32,17 @@ samples for an epoch:
 - **Faults.** A shard that cannot be opened or breaks mid-way (HTTP error, connection reset, read
   timeout, command exiting non-zero, corrupt tar) is retried `retries` times with exponential backoff,
   each retry starting at the first sample not yet delivered (never a duplicate), then skipped with one
-  logged line naming the URL or command (`stats.shards_skipped`). A key without an image member is a
-  bad sample, skipped and counted (`bad_samples`, logged once). Reads time out (`timeout` seconds).
+  logged line naming the URL or command (`stats.shards_skipped`; a later lap of the same pass does not
+  try it again). A key without an image member is a bad sample, skipped and counted (`bad_samples`,
+  logged once). Reads time out (`timeout` seconds). Resume equality assumes failures that persist: a
+  shard that failed before a kill and reads fine after it gives the resumed run more samples.
+- **Start-up.** Opening a source expands the pattern, reads the index file and the first shard's header
+  (a clear error when nothing can be read). The first sample waits for one shuffle block; the readers
+  then stay at most `prefetch` samples ahead. Nothing depends on the number of shards beyond
+  expanding and permuting their names.
+
+A pass is consumed from one thread (the readers' prefetch threads are internal); `close()` it from that
+thread, or let it end.
 
 Sample keys follow webdataset: a member's key is its path up to the first dot of its basename,
 consecutive members with the same key form one sample; the image is the first member with an image
