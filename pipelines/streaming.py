@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import itertools
 import json
 import logging
 import os
@@ -778,8 +779,16 @@ class ShardStream:
         self._pass = self._run(_copy_state(self._state))
         return self._pass
 
+    def batches(self) -> Iterator[tuple[list[StreamSample], dict]]:
+        """A pass in lists of `batch_size` samples, each with the position after it. A loader that prefetches
+        keeps these and checkpoints the position of the last batch the trainer took, not the stream's."""
+        it = iter(self)
+        while batch := list(itertools.islice(it, self.batch_size)):
+            yield batch, self.state_dict()
+
     def close(self) -> None:
-        """Stop the current pass: its reader threads end, open shards close, `pipe:` commands are killed."""
+        """Stop the current pass: its reader threads end, open shards close, `pipe:` commands are killed.
+        Call it (or finish the pass) before dropping a stream: running reader threads keep it alive."""
         if self._pass is not None:
             self._pass.close()
             self._pass = None
@@ -829,8 +838,9 @@ class ShardStream:
         block, done = state["block"], state["block_emitted"]
         self._failed = set()  # shards skipped in this pass: a later lap does not try them again
         try:
-            for w in range(self.readers):
-                iters[w] = start(w)
+            if block * S < limit:
+                for w in range(self.readers):
+                    iters[w] = start(w)
             while block * S < limit:
                 at_start = where()
                 size = min(S, limit - block * S)

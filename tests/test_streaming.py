@@ -408,6 +408,9 @@ def test_epoch_length_from_counts_estimate_and_laps(shards, tmp_path, caplog):
     assert est.source.counts_from == f"estimated from {tmp_path}/train-000.tar" and len(est) == 12
     assert any("assuming 6 samples per shard" in r.getMessage() for r in caplog.records)
     assert index_url(str(tmp_path / "train-{000..007}.tar")) == str(tmp_path / "train.index.json")
+    # a folder of shards: its *.tar files, and the index beside them
+    folder_source = open_stream_source(shards["dir"])
+    assert len(folder_source) == 8 and folder_source.counts_from == f"index {shards['dir']}/train.index.json"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,3 +499,15 @@ def test_sample_without_image_is_counted_and_skipped(tmp_path, caplog):
     assert sorted(s.label for s in got) == [-1, -1, 1, 1]  # no label member: -1
     assert stream.bad_samples.total == 2 and sorted(stream.bad_samples.counts) == [f"{tmp_path}/s-{k}.tar#y{k}" for k in range(2)]
     assert sum("no image member" in r.getMessage() for r in caplog.records) == 2
+
+
+def test_batches_carry_the_position_after_them(shards):
+    stream = ShardStream(local(shards), batch_size=5, shuffle_buffer=7, **FAST)
+    ref = samples(stream)
+    got = list(stream.batches())
+    assert len(got) == len(stream) == 9 and all(len(b) == 5 for b, _ in got)
+    assert [(s.sample_id, s.data, s.label) for b, _ in got for s in b] == ref
+    assert [st["emitted"] for _, st in got] == [5 * (k + 1) for k in range(9)]
+    again = ShardStream(local(shards), batch_size=5, shuffle_buffer=7, **FAST)
+    again.load_state_dict(got[3][1])  # the position a loader would checkpoint after its 4th batch
+    assert [s.sample_id for b, _ in again.batches() for s in b] == [i for i, _, _ in ref[20:]]
