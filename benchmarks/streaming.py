@@ -3,8 +3,8 @@
     python benchmarks/streaming.py --shards 10,100,1000,10000 [--repeats 3]
     python benchmarks/streaming.py --data '/tmp/shards/train-{000..049}.tar' --seconds 10 [--repeats 3]
 
-Start-up (`--shards`): n shards of `--shard-samples` tiny samples are written to a temporary folder; the time to the first
-sample is measured for the indexed source (`sources.open_source` reads every shard's headers, then one
+Start-up (`--shards`): n shards of `--shard-samples` tiny samples are written to a temporary folder; the
+time to the first sample is measured for the indexed source (`sources.open_source` reads every shard's headers, then one
 sample) and for a `ShardStream` over the same shards read from the local disk, over HTTP from a loopback
 `http.server`, and through `pipe:cat` (given `--samples-per-shard`-style counts, so no shard is counted).
 Read rate (`--data`, shards from pipelines/write_shards.py): encoded samples per second for one epoch
@@ -177,8 +177,8 @@ def main(argv=None) -> None:
     if args.shards:
         rows = startup(args)
         if not args.no_md:
-            append_rows("Streamed shards: time to the first sample", ["shards", "source", f"median of {args.repeats} s"],
-                        rows, note=f"Shards of {args.shard_samples} tiny samples on the local disk / a loopback "
+            header = ["shards", "source", f"median of {args.repeats} s"]
+            append_rows("Streamed shards: time to the first sample", header, rows, note=f"Shards of {args.shard_samples} tiny samples on the local disk / a loopback "
                                    f"http.server; readers {args.readers}, shuffle buffer {args.buffer} (the first "
                                    f"sample waits for one buffer of samples).")
     if args.data:

@@ -497,7 +497,8 @@ def test_sample_without_image_is_counted_and_skipped(tmp_path, caplog):
         got = list(stream)
     assert sorted(s.name.rsplit("#", 1)[1] for s in got) == ["x0", "x1", "z0", "z1"]
     assert sorted(s.label for s in got) == [-1, -1, 1, 1]  # no label member: -1
-    assert stream.bad_samples.total == 2 and sorted(stream.bad_samples.counts) == [f"{tmp_path}/s-{k}.tar#y{k}" for k in range(2)]
+    assert stream.bad_samples.total == 2
+    assert sorted(stream.bad_samples.counts) == [f"{tmp_path}/s-{k}.tar#y{k}" for k in range(2)]
     assert sum("no image member" in r.getMessage() for r in caplog.records) == 2
 
 
