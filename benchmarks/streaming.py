@@ -4,9 +4,9 @@
     python benchmarks/streaming.py --data '/tmp/shards/train-{000..049}.tar' --seconds 10 [--repeats 3]
 
 Start-up (`--shards`): n shards of `--shard-samples` tiny samples are written to a temporary folder; the
-time to the first sample is measured for the indexed source (`sources.open_source` reads every shard's headers, then one
-sample) and for a `ShardStream` over the same shards read from the local disk, over HTTP from a loopback
-`http.server`, and through `pipe:cat` (given `--samples-per-shard`-style counts, so no shard is counted).
+time to the first sample is measured for the indexed source (`sources.open_source` reads every shard's
+headers, then one sample) and for a `ShardStream` over the same shards read from the local disk, over
+HTTP from a loopback `http.server`, and through `pipe:cat` (counts given, so no shard is counted first).
 Read rate (`--data`, shards from pipelines/write_shards.py): encoded samples per second for one epoch
 order, indexed (`Source.read` of `epoch_batches`' order: one seek per sample) against streamed (one
 sequential read per shard, through the shuffle buffer); no decoding. Decoded multi-crop images/s through
@@ -178,9 +178,9 @@ def main(argv=None) -> None:
         rows = startup(args)
         if not args.no_md:
             header = ["shards", "source", f"median of {args.repeats} s"]
-            append_rows("Streamed shards: time to the first sample", header, rows, note=f"Shards of {args.shard_samples} tiny samples on the local disk / a loopback "
-                                   f"http.server; readers {args.readers}, shuffle buffer {args.buffer} (the first "
-                                   f"sample waits for one buffer of samples).")
+            note = (f"Shards of {args.shard_samples} tiny samples on the local disk / a loopback http.server; "
+                    f"readers {args.readers}, shuffle buffer {args.buffer} (the first sample waits for one buffer).")
+            append_rows("Streamed shards: time to the first sample", header, rows, note=note)
     if args.data:
         rows = read_rate(args)
         if not args.no_md:
