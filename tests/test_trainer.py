@@ -149,10 +149,11 @@ def test_a_training_step_reads_nothing_back_and_skips_a_non_finite_step_on_the_d
     torch.cuda.set_sync_debug_mode. A NaN batch then leaves weights, optimizer state and BN statistics as
     they were, counted on the device."""
     from pipelines import Batch
+    from trainer.schedule import Schedule
     from trainer.train import Distributed, Training
 
     cfg = tiny(tmp_path, tmp_path, arch="resnet18", patch_size=None, steps=5)
-    training = Training(cfg, Distributed(0, 1, torch.device("cpu"), False), num_classes=3, total=5, warmup=1)
+    training = Training(cfg, Distributed(0, 1, torch.device("cpu"), False), num_classes=3, schedule=Schedule(5, 1))
     training.distribute(0)
     g = torch.Generator().manual_seed(0)
     batch = Batch(torch.randn(4, 2, 3, 32, 32, generator=g), torch.randn(4, 2, 3, 16, 16, generator=g),
@@ -181,6 +182,54 @@ def test_a_training_step_reads_nothing_back_and_skips_a_non_finite_step_on_the_d
     assert training.read_window()[1] == 0
     assert not torch.equal(training.module.state_dict()["encoder.backbone.conv1.weight"],
                            state["encoder.backbone.conv1.weight"])
+
+
+# ------------------------------------------------------------------------------------- time budget
+
+
+def test_time_budget_fixes_the_schedule_and_a_resume_keeps_it_exactly(tmp_path, imagenette):
+    """--time-budget: 3 steps at LR 0 time the step, warmup = 10 % of what the budget holds, the total is
+    fixed after warmup (config.yaml, checkpoints) and the run ends checkpointed near the budget. Resuming
+    from a checkpoint taken after the total was fixed replays the same losses to the end."""
+    from trainer.schedule import CALIBRATION_STEPS
+
+    budget = 0.5  # minutes
+    summary = run(tiny(tmp_path, imagenette / "train", time_budget=budget, ckpt_every=4, keep_ckpts=100))
+    total = summary["total_steps"]
+    assert summary["status"] == "done" and total is not None and summary["step"] <= total
+    assert summary["minutes"] < 1.5 * budget  # the end is planned inside the budget (slack for a busy machine)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["total_steps"] == total and saved["time_budget"] == budget and saved["steps"] is None
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt["step"] == summary["step"] and ckpt["budget"]["used_s"] > 0
+
+    lrs = [v for _, v in scalars(tmp_path / "run", "train/lr")]  # at step s: the LR of the next step
+    assert lrs[:CALIBRATION_STEPS - 1] == [0.0] * (CALIBRATION_STEPS - 1)
+    warmup = round(TINY["lr"] / lrs[CALIBRATION_STEPS - 1])  # the first warmup step runs at lr / warmup
+    assert warmup >= 1 and max(lrs) == pytest.approx(TINY["lr"])
+    assert lrs[CALIBRATION_STEPS + warmup - 2] == pytest.approx(TINY["lr"])  # the warmup reaches the peak
+    if summary["step"] == total:
+        assert lrs[-1] == pytest.approx(TINY["lr"] * 1e-3, rel=1e-3)  # and the cosine its end
+
+    fixed = CALIBRATION_STEPS + warmup  # the total is known from this step on
+    mid = min((p for p in list_checkpoints(tmp_path / "run") if fixed < int(p.stem.split("_")[1]) < summary["step"]),
+              key=lambda p: p.name, default=None)
+    assert mid is not None, "no checkpoint between the fixed total and the end"
+    (tmp_path / "again" / "run").mkdir(parents=True)
+    (tmp_path / "again" / "run" / mid.name).write_bytes(mid.read_bytes())
+    again = run(tiny(tmp_path / "again", imagenette / "train", time_budget=budget, ckpt_every=4, keep_ckpts=100))
+    assert again["total_steps"] == total
+    common = min(again["step"], summary["step"])  # the safety net may stop either run a little early
+    first = int(mid.stem.split("_")[1]) + 1
+    ref = [(s, v) for s, v in scalars(tmp_path / "run") if first <= s <= common]
+    assert ref and [(s, v) for s, v in scalars(tmp_path / "again" / "run") if first <= s <= common] == ref
+
+
+def test_time_budget_that_cannot_hold_the_warmup_is_a_clear_error(tmp_path, imagenette):
+    with pytest.raises(ValueError, match=r"--time-budget 0\.01 min cannot hold the warmup: 10000 steps"):
+        run(tiny(tmp_path, imagenette / "train", time_budget=0.01, warmup=10000))
+    with pytest.raises(ValueError, match="exactly one of --steps / --epochs / --time-budget"):
+        run(tiny(tmp_path, imagenette / "train", time_budget=1, steps=3))
 
 
 # --------------------------------------------------------------------------------------- checkpoints

@@ -64,6 +64,7 @@ class TrainConfig:
     preset: str = "cpu-small"
     steps: int | None = None  # total optimizer steps; exclusive with epochs
     epochs: int | None = None
+    time_budget: float | None = None  # minutes of wall clock; the step count is fixed after warmup (trainer)
     batch_size: int = 64  # per rank, per micro-batch
     accum_steps: int = 1
     lr: float = 5e-4  # peak AdamW LR after warmup (after batch scaling); cosine to lr/1000
@@ -139,6 +140,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     length = g.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="total optimizer steps")
     length.add_argument("--epochs", type=int, help="total epochs (alternative to --steps)")
+    length.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="train for this much wall clock, final checkpoint included: the warmup + cosine "
+                             "schedule is laid over the budget (step count fixed after warmup from the measured "
+                             "step time; alternative to --steps/--epochs)")
     g.add_argument("--batch-size", type=int, help="images per rank per micro-batch")
     g.add_argument("--accum-steps", type=int, help="micro-batches per optimizer step (default 1)")
     g.add_argument("--lr", type=float, help="peak learning rate (warmup, then cosine to lr/1000), used as given; "
@@ -195,10 +200,10 @@ def config_from_args(args: argparse.Namespace, world_size: int = 1) -> TrainConf
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
     values = dict(PRESETS[preset])
-    if "epochs" in given:
-        values.pop("steps", None)
-    if "steps" in given:
-        values.pop("epochs", None)
+    for length in ("steps", "epochs", "time_budget"):  # one run length: a given one replaces the preset's
+        if length in given:
+            for other in {"steps", "epochs", "time_budget"} - {length}:
+                values.pop(other, None)
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     values.update({k: v for k, v in given.items() if k in fields})
     # The preset's patch size is a ViT setting: it does not apply to a ResNet/ConvNeXt.
@@ -225,9 +230,12 @@ def resumed_config(cfg: TrainConfig, saved: dict) -> TrainConfig:
     return dataclasses.replace(cfg, lr=saved.get("lr", cfg.lr))
 
 
-def warmup_steps(cfg: TrainConfig, total: int) -> int:
-    """Warmup length of a run of `total` steps: --warmup, else 10 % of the run."""
-    return cfg.warmup if cfg.warmup is not None else max(1, total // 10)
+def warmup_steps(cfg: TrainConfig, total: int | None) -> int | None:
+    """Warmup length of a run of `total` steps: --warmup, else 10 % of the run (None while a --time-budget
+    run's length is unknown: the trainer decides it from the measured step time)."""
+    if cfg.warmup is not None or total is None:
+        return cfg.warmup
+    return max(1, total // 10)
 
 
 def _has_image(root: Path) -> bool:
@@ -250,8 +258,12 @@ def validate_config(cfg: TrainConfig, check_data: bool = True) -> None:
         raise ValueError(f"unknown preset {cfg.preset!r}; valid: {', '.join(PRESETS)}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device {cfg.device!r}: valid: auto, cpu, cuda")
-    if (cfg.steps is None) == (cfg.epochs is None):
-        raise ValueError(f"give exactly one of --steps / --epochs (got steps={cfg.steps}, epochs={cfg.epochs})")
+    lengths = {"steps": cfg.steps, "epochs": cfg.epochs, "time_budget": cfg.time_budget}
+    if sum(v is not None for v in lengths.values()) != 1:
+        raise ValueError("give exactly one of --steps / --epochs / --time-budget (got "
+                         + ", ".join(f"{k}={v}" for k, v in lengths.items()) + ")")
+    if cfg.time_budget is not None and not cfg.time_budget > 0:
+        raise ValueError(f"--time-budget must be > 0 minutes, got {cfg.time_budget}")
     for name in ("steps", "epochs", "batch_size", "accum_steps", "num_slices", "proj_dim", "hidden_dim",
                  "log_every", "ckpt_every", "max_bad_steps", "signal_sync_every"):
         value = getattr(cfg, name)

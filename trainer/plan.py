@@ -22,6 +22,7 @@ import pipelines
 from models import build_encoder, list_checkpoints
 from pipelines import sources
 from trainer.config import LR_RULE, TrainConfig, scale_lr, warmup_steps
+from trainer.schedule import CALIBRATION_STEPS
 
 
 # ------------------------------------------------------------------------------------------ the pieces
@@ -122,8 +123,11 @@ def build_plan(cfg: TrainConfig, world_size: int, device: str | torch.device, so
     per_epoch = steps_per_epoch
     if per_epoch is None and data.get("samples") is not None:
         per_epoch = sources.steps_per_epoch(data["samples"], cfg.batch_size, world_size) // cfg.accum_steps
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch if per_epoch is not None else None
-    epochs = cfg.epochs if cfg.epochs is not None else float(f"{total / per_epoch:.3g}") if per_epoch else None
+    if cfg.time_budget is not None:  # the trainer fixes the step count after warmup
+        total = epochs = None
+    else:
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * per_epoch if per_epoch is not None else None
+        epochs = cfg.epochs if cfg.epochs is not None else float(f"{total / per_epoch:.3g}") if per_epoch else None
 
     lr_note = None
     if cfg.base_batch is not None:
@@ -148,6 +152,7 @@ def build_plan(cfg: TrainConfig, world_size: int, device: str | torch.device, so
         "batch": {"per_rank": cfg.batch_size, "world_size": world_size, "accum_steps": cfg.accum_steps,
                   "global": global_batch},
         "steps": total,
+        "time_budget_minutes": cfg.time_budget,
         "epochs": epochs,
         "steps_per_epoch": per_epoch,
         "warmup_steps": warmup_steps(cfg, total) if total is not None else cfg.warmup,
@@ -185,7 +190,10 @@ def format_plan(plan: dict) -> str:
     arch = plan["arch"] + (f" (patch {plan['patch_size']})" if plan["patch_size"] else "")
     views = (f"{v['global']['count']} global x {v['global']['size']} px (scale {_range(v['global']['scale'])}) + "
              f"{v['local']['count']} local x {v['local']['size']} px (scale {_range(v['local']['scale'])})")
-    if plan["steps"] is None:
+    if plan.get("time_budget_minutes") is not None:
+        length = (f"{plan['time_budget_minutes']:g} min of wall clock (--time-budget): the step count is fixed "
+                  "after warmup from the measured step time")
+    elif plan["steps"] is None:
         length = f"{plan['epochs']} epochs (steps per epoch known once the job has indexed the data)"
     elif plan["steps_per_epoch"] is None:
         length = f"{plan['steps']:,} steps"
@@ -195,6 +203,8 @@ def format_plan(plan: dict) -> str:
     else:
         length = f"{plan['steps']:,} steps = {plan['epochs']:g} epochs of {plan['steps_per_epoch']:,} steps"
     length += f", warmup {plan['warmup_steps']:,}" if plan["warmup_steps"] is not None else ", warmup 10 % of the run"
+    if plan.get("time_budget_minutes") is not None:
+        length += f" (after {CALIBRATION_STEPS} steps at LR 0 that time the step)"
     if lr["base_batch"] is None:
         lr_line = f"{lr['peak']:.3g} (--lr as given, not scaled)"
     else:

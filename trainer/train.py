@@ -44,6 +44,7 @@ from pipelines import Batch, build_loader
 from pipelines.inspect import view_grid as pipeline_view_grid
 from trainer.checkpointing import Checkpointer, Progress, code_version, find_resume_checkpoint, restore
 from trainer.config import TrainConfig, resumed_config, validate_config, warmup_steps
+from trainer.schedule import CALIBRATION_STEPS, Schedule, TimeBudget
 from trainer.plan import build_plan, format_plan
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning signals (--signal=USR1@90, scancel/preempt)
@@ -116,14 +117,6 @@ def build_optimizer(module: TrainModule, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=True)
 
 
-def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Linear warmup to 1, then cosine from 1 to 1/1000 (the seed's final lr = lr/1000)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 1e-3 + (1 - 1e-3) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 class PreemptionFlag:
     """SIGTERM/SIGUSR1 set a flag; the loop checks it at step boundaries, saves, then chains the handler
     that was installed before ours (e.g. submitit's requeue handler)."""
@@ -153,14 +146,15 @@ class PreemptionFlag:
         if callable(handler):
             handler(self.signum, None)
 
-    def agreed(self, dd: Distributed) -> bool:
-        """Whether any rank was signalled: a MAX all-reduce on the CPU group (no wait for the GPU)."""
-        signalled = self.signum is not None
-        if dd.world == 1:
-            return signalled
-        flag = torch.tensor([int(signalled)], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=dd.control)
-        return bool(flag.item())
+
+
+def agree(dd: Distributed, *flags: bool) -> list[bool]:
+    """Each flag OR-ed over ranks: a MAX all-reduce on the CPU control group (never waits for the GPU)."""
+    if dd.world == 1:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dd.control)
+    return [bool(v) for v in t.tolist()]
 
 
 def view_grid(batch, spec, n: int = 4) -> torch.Tensor:
@@ -191,8 +185,8 @@ class Training:
     autocast/scaler, SIGReg, and the on-device figures of the logging window. `step()` is the whole training
     step; the loop below and benchmarks/gpu_check.py (synthetic batches) call it."""
 
-    def __init__(self, cfg: TrainConfig, dd: Distributed, num_classes: int, total: int, warmup: int):
-        self.cfg, self.dd, self.total, self.warmup = cfg, dd, total, warmup
+    def __init__(self, cfg: TrainConfig, dd: Distributed, num_classes: int, schedule: Schedule):
+        self.cfg, self.dd, self.schedule = cfg, dd, schedule
         device = dd.device
         encoder = build_encoder(cfg.arch, proj_dim=cfg.proj_dim, hidden_dim=cfg.hidden_dim,
                                 patch_size=cfg.patch_size, img_size=cfg.spec.global_size)
@@ -203,8 +197,8 @@ class Training:
             globalise_batchnorm(self.module)  # every BN layer normalises over the global batch, no host sync
         self.model = self.module  # wrapped by distribute()
         self.optimizer = build_optimizer(self.module, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, self.total, self.warmup))
+        # a callable object: LambdaLR keeps its fields (the step counts) in the scheduler's state dict
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         bf16 = device.type == "cpu" or torch.cuda.is_bf16_supported()
         self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
         # fp16 (GPUs without bf16) needs loss scaling; bf16 and fp32 do not
@@ -275,6 +269,12 @@ class Training:
         self.step_t += 1
         return batch
 
+    def refresh_lr(self) -> None:
+        """Re-apply the schedule to the optimizer (after a time budget fixed the warmup or total)."""
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * self.schedule(self.scheduler.last_epoch)
+        self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
     def read_window(self) -> tuple[list[float], int]:
         """The logging window's sums (averaged over ranks where they are means) and the current run of
         non-finite steps: the one host sync, at log steps. Resets the window."""
@@ -343,6 +343,7 @@ def _data_root(cfg: TrainConfig, dd: Distributed) -> str:
 
 
 def _train(cfg: TrainConfig, dd: Distributed) -> dict:
+    started = time.perf_counter()
     rank, world = dd.rank, dd.world
     out, data = Path(cfg.out), _data_root(cfg, dd)
     ckpt = find_resume_checkpoint(cfg)
@@ -355,36 +356,53 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
     steps_per_epoch = len(loader) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ValueError(f"--data {data}: {len(loader)} batches per epoch < --accum-steps {cfg.accum_steps}")
-    total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
-    warmup = warmup_steps(cfg, total)
+    if cfg.time_budget is None:
+        total = cfg.steps if cfg.steps is not None else cfg.epochs * steps_per_epoch
+        schedule = Schedule(total, warmup_steps(cfg, total))
+    else:  # the budget fixes warmup (unless given) and total from measured step times
+        schedule = Schedule(None, cfg.warmup, start=CALIBRATION_STEPS)
 
-    training = Training(cfg, dd, loader.num_classes, total, warmup)
-    progress = Progress()
+    training = Training(cfg, dd, loader.num_classes, schedule)
+    progress, budget_state = Progress(), None
     if ckpt is not None:
         progress = restore(ckpt, training.module, training.optimizer, training.scheduler, training.scaler, loader,
                            rank, world)
+        if cfg.time_budget is None:  # the step counts come from this launch's flags (--steps may change)
+            schedule.__init__(total, warmup_steps(cfg, total))
+        budget_state = ckpt.get("budget")
         if rank == 0:
             print(f"resumed from {ckpt['path']} at step {progress.step}", flush=True)
         del ckpt
     training.distribute(progress.step)
+    budget = TimeBudget(cfg.time_budget, started, budget_state) if cfg.time_budget is not None else None
 
     writer, version = None, code_version()
+
+    def write_config() -> None:
+        write_yaml(out / "config.yaml", _plain(dict(cfg.to_dict(), data=data, world_size=world,
+                                                    total_steps=schedule.total, code_version=version, plan=plan)))
+
     if rank == 0:
         plan = build_plan(cfg, world_size=world, device=dd.device, steps_per_epoch=steps_per_epoch,
                           threads_per_rank=torch.get_num_threads())
         out.mkdir(parents=True, exist_ok=True)
-        write_yaml(out / "config.yaml", _plain(dict(cfg.to_dict(), data=data, world_size=world,
-                                                    total_steps=total, code_version=version, plan=plan)))
+        write_config()
         # purge_step drops events a killed run logged after its last checkpoint
         writer = SummaryWriter(out / "tb", purge_step=progress.step + 1 if progress.step else None)
         writer.add_text("plan", "    " + format_plan(plan).replace("\n", "\n    "), progress.step)  # verbatim
     checkpointer = Checkpointer(cfg, rank, world, training.module, training.optimizer, training.scheduler,
                                 training.scaler, loader, version)
 
+    def save() -> None:
+        t0 = time.perf_counter()
+        checkpointer.save(progress, {"budget": budget.state()} if budget is not None else None)
+        if budget is not None:  # the end of the budget keeps room for the slowest write seen
+            budget.save_seconds = max(budget.save_seconds, time.perf_counter() - t0)
+
     preempt = PreemptionFlag()
     preempt.install()
     status, skipped = "done", 0
-    bar = tqdm(total=total, initial=progress.step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
+    bar = tqdm(total=schedule.total, initial=progress.step, disable=rank != 0, desc="pretrain", dynamic_ncols=True)
     log = StepLog(writer, bar, cfg.batch_size * world * cfg.accum_steps)
     loader.set_epoch(progress.epoch, progress.pos)
     batches = iter(loader)
@@ -402,13 +420,25 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
         return batch
 
     training.model.train()
+    if budget is not None:
+        budget.after_step(progress.step, schedule, dd.control, rank)  # the clock mark the first step is timed from
     try:
-        while progress.step < total:
+        while schedule.total is None or progress.step < schedule.total:
             batch = training.step(next_batch)
             progress.step += 1
-            step = progress.step
+            step, total = progress.step, schedule.total
             log.steps += 1
             bar.update(1)
+            if budget is not None and total is None:
+                note = budget.after_step(step, schedule, dd.control, rank)
+                total = schedule.total
+                if note:  # the schedule just changed: the next step's LR with it
+                    training.refresh_lr()
+                if note and rank == 0:
+                    tqdm.write(note)
+                    if total is not None:
+                        bar.total = total
+                        write_config()
 
             # ---- logging: the only place figures leave the device
             if step % cfg.log_every == 0 or step == total:
@@ -421,7 +451,7 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
                                    f"since the last log ({bad} in a row)")
                 if bad >= cfg.max_bad_steps:
                     status = "diverged"
-                    checkpointer.save(progress)  # skipped steps left the weights at the last finite update
+                    save()  # skipped steps left the weights at the last finite update
                     if rank == 0:
                         tqdm.write(f"stopping: {bad} consecutive non-finite steps (limit --max-bad-steps "
                                    f"{cfg.max_bad_steps}); the weights of the last good step are in "
@@ -430,17 +460,25 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
             if writer is not None and cfg.image_every and step % cfg.image_every == 0:
                 writer.add_image("views", view_grid(batch, cfg.spec), step)
 
-            # ---- checkpoints, preemption
-            if step % cfg.ckpt_every == 0 and step < total:
-                checkpointer.save(progress)
-            if (world == 1 or step % cfg.signal_sync_every == 0 or step == total) and preempt.agreed(dd):
-                status = "preempted"  # every rank acts at the same agreed step, so they save together
-                checkpointer.save(progress)
-                if rank == 0:
-                    tqdm.write(f"preempted at step {step}: checkpoint written to {out}")
-                break
+            # ---- checkpoints, preemption, the end of a time budget
+            if step % cfg.ckpt_every == 0 and step != total:
+                save()
+            if world == 1 or step % cfg.signal_sync_every == 0 or step == total:
+                late = budget is not None and rank == 0 and step != total and budget.out_of_time()
+                signalled, late = agree(dd, preempt.signum is not None, late)
+                if signalled:
+                    status = "preempted"  # every rank acts at the same agreed step, so they save together
+                    save()
+                    if rank == 0:
+                        tqdm.write(f"preempted at step {step}: checkpoint written to {out}")
+                    break
+                if late:  # steps ran slower than measured: end now, checkpointed, inside the budget
+                    if rank == 0:
+                        tqdm.write(f"--time-budget: stopping at step {step} of {total}, the budget is used up "
+                                   f"(steps ran slower than the {budget.step_seconds:.3f} s measured after warmup)")
+                    break
         if status == "done":
-            checkpointer.save(progress)
+            save()
         skipped += int(training.sums[SKIPPED].item())  # skipped since the last log (a preemption cut the window)
     finally:
         bar.close()
@@ -451,5 +489,8 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
     if status == "preempted" and preempt.signum is not None:
         preempt.chain()  # e.g. submitit's SIGUSR1 handler: requeue the job
     preempt.uninstall()
-    return {"status": status, "step": progress.step, "total_steps": total, "out": str(out), "skipped_steps": skipped,
-            "last": log.last}
+    summary = {"status": status, "step": progress.step, "total_steps": schedule.total, "out": str(out),
+               "skipped_steps": skipped, "last": log.last}
+    if budget is not None:
+        summary["minutes"] = budget.used() / 60
+    return summary
