@@ -9,7 +9,7 @@ SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PKGS := pkg-config libopencv-dev libturbojpeg0-dev dataset-fashion-mnist
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean-venv
+.PHONY: install demo test bench gpu-check clean-venv
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+# Every GPU path once, with its figures (benchmarks/gpu_check.py). Needs no install: on a GPU node it runs with
+# the node's own torch/torchvision/timm (and DALI/FFCV when they import); without CUDA it says so and exits 0.
+GPU_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 bench: install
 	$(PY) benchmarks/sigreg.py

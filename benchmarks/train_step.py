@@ -48,6 +48,57 @@ def measure(base: TrainConfig, backend: str, arch: str, data: str, steps: int, r
             "windows": len(windows["perf/images_per_s"])}
 
 
+VARIANTS = {  # name -> (torch.compile, bf16 autocast, channels_last)
+    "eager-fp32": (False, False, False), "eager-bf16": (False, True, False),
+    "eager-fp32-cl": (False, False, True), "eager-bf16-cl": (False, True, True),
+    "compile-fp32": (True, False, False), "compile-bf16": (True, True, False),
+    "compile-fp32-cl": (True, False, True), "compile-bf16-cl": (True, True, True),
+}
+
+
+def synthetic_step(base: TrainConfig, arch: str, variants: list[str], steps: int, repeats: int) -> list[dict]:
+    """The model's side of the step alone: `Training.step` (forward, LeJEPA loss, backward, fused AdamW) on one
+    fixed batch, no loader, for each variant; repeats interleaved so that drifts hit every variant alike."""
+    import time
+
+    import torch
+
+    from pipelines import Batch
+    from trainer.schedule import Schedule
+    from trainer.train import Distributed, Training
+
+    spec, b = base.spec, base.batch_size
+    g = torch.Generator().manual_seed(0)
+    batch = Batch(torch.randn(b, spec.global_views, 3, spec.global_size, spec.global_size, generator=g),
+                  torch.randn(b, spec.local_views, 3, spec.local_size, spec.local_size, generator=g),
+                  torch.randint(0, 10, (b,), generator=g))
+    runs = {}
+    for name in variants:
+        compiled, bf16, channels_last = VARIANTS[name]
+        if channels_last and arch.startswith("vit_"):
+            continue
+        cfg = TrainConfig(**{**base.__dict__, "arch": arch, "compile": compiled, "amp": bf16,
+                             "patch_size": base.patch_size if arch.startswith("vit_") else None})
+        training = Training(cfg, Distributed(0, 1, torch.device("cpu"), False), 10, Schedule(10**6, 10))
+        if channels_last:
+            training.module.encoder.use_channels_last()
+        training.distribute(0)
+        t0 = time.perf_counter()
+        for _ in range(2):  # warm-up: compile, lazy optimizer state, allocator
+            training.step(lambda: batch)
+        runs[name] = {"training": training, "times": [], "warmup_s": time.perf_counter() - t0}
+    for _ in range(repeats):
+        for name, r in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                r["training"].step(lambda: batch)
+            r["training"].read_window()  # the log step's read: the queue is drained
+            r["times"].append((time.perf_counter() - t0) / steps)
+    return [{"arch": arch, "variant": name, "images_per_s": b / statistics.median(r["times"]),
+             "step_ms": 1000 * statistics.median(r["times"]), "warmup_s": r["warmup_s"],
+             "runs_ms": [round(1000 * t, 1) for t in r["times"]]} for name, r in runs.items()]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--beton", help=".beton of the same images, for the ffcv backend")
@@ -55,11 +106,32 @@ def main(argv=None) -> None:
     parser.add_argument("--archs", nargs="+", default=["vit_t", "resnet18"])
     parser.add_argument("--repeats", type=int, default=3, help="timed windows (median reported)")
     parser.add_argument("--no-md", action="store_true", help="print JSON lines only, no BENCHMARKS.md row")
+    parser.add_argument("--synthetic", nargs="*", metavar="VARIANT", choices=list(VARIANTS),
+                        help=f"measure the model's step alone on a fixed batch for these variants "
+                             f"({', '.join(VARIANTS)}; default all) instead of full training runs")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
     add_config_args(parser)  # --data, --preset, --batch-size, --steps (= steps per window), --num-workers...
     args = parser.parse_args(argv)
     steps = args.steps or 10
     args.steps, args.epochs = 1, None  # the window length is handled in measure()
     base = config_from_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if args.synthetic is not None:
+        rows = []
+        for arch in args.archs:
+            for rec in synthetic_step(base, arch, args.synthetic or list(VARIANTS), steps, args.repeats):
+                emit(rec)
+                rows.append([arch, rec["variant"], base.batch_size, f"{rec['images_per_s']:.1f}",
+                             f"{rec['step_ms']:.0f}", f"{rec['warmup_s']:.1f}"])
+        if not args.no_md:
+            append_rows("Training step, model only: synthetic batch (benchmarks/train_step.py --synthetic)",
+                        ["arch", "variant", "batch", "images/s", "step ms", "warm-up s"], rows,
+                        note=f"Preset {base.preset}; Training.step on one fixed batch, median of {args.repeats} "
+                             f"interleaved windows of {steps} steps; -cl = channels_last.")
+        return
     if base.data is None:
         from pipelines.embedded import materialise
 
