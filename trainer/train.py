@@ -37,11 +37,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.io import atomic_open
 from losses import SIGReg, lejepa_loss
 from models import build_encoder, list_checkpoints, load_checkpoint, save_checkpoint
-from models.checkpoint import atomic_open
 from pipelines import build_loader
-from pipelines.inspect import view_grid as pipeline_view_grid
+from pipelines.preview import view_grid as pipeline_view_grid
 from trainer.config import RESUME_MUST_MATCH, TrainConfig, validate_config
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning signals (--signal=USR1@90, scancel/preempt)
