@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from pipelines.batch import Batch
-from pipelines.ffcv_ops import render_views
+from pipelines.ffcv_ops import block_sizes, render_views
 from pipelines.params import EPOCH_SHIFT, INDEX_MASK, constants, draw_batch, make_key
 from pipelines.sources import ShardedLoader
 from pipelines.spec import MultiCropSpec
@@ -84,14 +84,9 @@ def open_beton(path: str | os.PathLike):
     return reader
 
 
-def block_sizes(spec: MultiCropSpec) -> tuple[int, int]:
-    """Elements per sample of the global block [G,3,H,W] and of the local block [L,3,h,w]."""
-    return 3 * spec.global_views * spec.global_size ** 2, 3 * spec.local_views * spec.local_size ** 2
-
-
 def split_views(flat: torch.Tensor, count: int, spec: MultiCropSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """[count * (Dg + Dl)] buffer -> contiguous global [B,G,3,H,W] and local [B,L,3,h,w] views of it."""
-    dg, _ = block_sizes(spec)
+    dg, _ = block_sizes(constants(spec))
     flat = flat.reshape(-1)
     g = flat[: count * dg].view(count, spec.global_views, 3, spec.global_size, spec.global_size)
     loc = flat[count * dg:].view(count, spec.local_views, 3, spec.local_size, spec.local_size)
@@ -129,7 +124,7 @@ def _decoder_classes():
             self.spec, self.seed, self.uint8 = spec, seed, uint8
 
         def declare_state_and_memory(self, previous_state):
-            dg, dl = block_sizes(self.spec)
+            dg, dl = block_sizes(constants(self.spec))
             shape, dtype = (dg + dl,), np.dtype("uint8" if self.uint8 else "float32")
             return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype))
 
@@ -137,7 +132,7 @@ def _decoder_classes():
             mem_read = self.memory_read
             my_range = Compiler.get_iterator()
             imdecode_c, resize_c = _libffcv_jit()
-            dg, dl = block_sizes(self.spec)
+            dg, dl = block_sizes(constants(self.spec))
             seed, table = np.uint64(self.seed), constants(self.spec)
             index_mask = np.uint64(INDEX_MASK)
             jpg = IMAGE_MODES["jpg"]
@@ -358,7 +353,7 @@ class FFCVLoader(ShardedLoader):
         torch.set_num_threads(torch_threads)
         self._loader.traversal_order = self._keys
         if not self.gpu:  # the float views go into recycled buffers that each Batch owns while it lives
-            self._outputs = RecycledBuffers((batch_size, sum(block_sizes(spec))), np.float32)
+            self._outputs = RecycledBuffers((batch_size, sum(block_sizes(constants(spec)))), np.float32)
             _recycle_outputs(self._loader.graph, self._outputs)
         outputs = list(self._loader.pipeline_specs)
         self._image_pos, self._label_pos = outputs.index(IMAGE_FIELD), outputs.index(LABEL_FIELD)
