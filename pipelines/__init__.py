@@ -51,7 +51,8 @@ def _choose(backend: str, source: str | Path, device: str | torch.device) -> tup
         if not available(backend):
             raise ValueError(f"backend {backend!r} is not installed (pip install -r requirements.txt)")
         if beton and backend != "ffcv":
-            raise ValueError(f"backend {backend!r} cannot read the FFCV file {str(source)!r}: use --backend ffcv or auto")
+            raise ValueError(f"backend {backend!r} cannot read the FFCV file {str(source)!r}: "
+                             "use --backend ffcv or auto")
         return backend, "requested"
     if beton:
         if not available("ffcv"):

@@ -287,7 +287,8 @@ def _tv(img: np.ndarray, fn, *args, **kw) -> np.ndarray:
     ("blur 2.0", lambda x: ops.gaussian_blur(x, 2.0, 9, np.empty(x[0].size, np.float32)),
      lambda x: _tv(x, TF.gaussian_blur, [9, 9], [2.0, 2.0])),
     # solarize is fused into normalise: with mean 0 and std 1 normalising is the identity
-    ("solarize", lambda x: ops.normalise(x, True, params.constants(PLAIN)[0]), lambda x: _tv(x, TF.solarize, 128 / 255)),
+    ("solarize", lambda x: ops.normalise(x, True, params.constants(PLAIN)[0]),
+     lambda x: _tv(x, TF.solarize, 128 / 255)),
 ])
 def test_kernel_matches_torchvision(photo, name, ours, theirs):
     expected = theirs(photo.copy())
