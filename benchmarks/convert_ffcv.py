@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, emit  # noqa: E402
+from benchmarks.report import append_rows, emit  # noqa: E402
 from pipelines import SPEC_PRESETS, build_loader  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

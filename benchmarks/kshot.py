@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, emit  # noqa: E402
+from benchmarks.report import append_rows, emit  # noqa: E402
 from evaluation.features import default_device, extract  # noqa: E402
 from evaluation.knn import knn_classifier  # noqa: E402
 from evaluation.kshot import Features, add_common_args, evaluate_shots, linear_probe, setup  # noqa: E402

@@ -26,7 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import append_rows, emit  # noqa: E402
+from benchmarks.report import append_rows, emit  # noqa: E402
 
 
 def default_transfer() -> list[str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, emit, machine  # noqa: E402
+from benchmarks.report import append_rows, emit, machine  # noqa: E402
 from pipelines import SPEC_PRESETS, available, build_loader  # noqa: E402
 from pipelines.sources import open_source  # noqa: E402
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, emit  # noqa: E402
+from benchmarks.report import append_rows, emit  # noqa: E402
 from losses.sigreg import SIGReg  # noqa: E402
 
 

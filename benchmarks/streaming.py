@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import append_rows, emit  # noqa: E402
+from benchmarks.report import append_rows, emit  # noqa: E402
 from pipelines.sources import epoch_batches, open_source  # noqa: E402
 from pipelines.streaming import ShardStream, open_stream_source  # noqa: E402
 

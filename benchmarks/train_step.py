@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from benchmarks.common import append_rows, emit  # noqa: E402
+from benchmarks.report import append_rows, emit  # noqa: E402
 from pipelines import available  # noqa: E402
 from trainer import TrainConfig  # noqa: E402
 from trainer.config import add_config_args, config_from_args  # noqa: E402

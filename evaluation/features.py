@@ -22,11 +22,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
 
-from models.checkpoint import atomic_open
+from common.images import IMAGENET_MEAN, IMAGENET_STD  # what the LeJEPA presets normalise with
+from common.io import atomic_open
 from models import build_encoder, check_arch, encoder_from_checkpoint, load_checkpoint
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # what the LeJEPA presets normalise with (MultiCropSpec default)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_PCT = 0.875  # resize the short side to size / 0.875, then centre-crop `size` (the usual 256 -> 224)
 CACHE_FORMAT = "lejepa-features/1"
 

@@ -37,10 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+from common.io import atomic_open
 from evaluation.features import FeatureModel, cached_features, default_device, from_checkpoint, from_timm, random_init
 from evaluation.transfer_datasets import DatasetArg, DatasetError, Split, cap_per_class, load_dataset, parse_dataset_arg
 from models import is_vit
-from models.checkpoint import atomic_open
 
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 ONE_SHOT_WEIGHT_DECAY = 1e-1

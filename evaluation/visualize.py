@@ -22,11 +22,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from common.images import IMAGE_EXTS
+from common.io import atomic_open
 from evaluation.features import FeatureModel, default_device
 from evaluation.kshot import add_model_args, build_models, positive_int
-from models.checkpoint import atomic_open
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
 def pca_rgb(patches: Tensor) -> Tensor:
@@ -54,9 +53,9 @@ def collect_images(paths: list[str], num_images: int) -> list[Path]:
         if p.is_file():
             found.append(p)
         elif p.is_dir():
-            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            files = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
             if not files:
-                raise FileNotFoundError(f"--images {p}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
+                raise FileNotFoundError(f"--images {p}: no image files ({', '.join(IMAGE_EXTS)})")
             picks = np.linspace(0, len(files) - 1, min(num_images, len(files))).round().astype(int)
             found += [files[i] for i in dict.fromkeys(picks)]
         else:

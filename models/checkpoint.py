@@ -11,15 +11,13 @@ One file per step, `RUN_DIR/checkpoint_{step:06d}.pt`, a plain dict loadable wit
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 
+from common.io import atomic_open, fsync_dir
 from models.encoder import Encoder, build_encoder
 from models.registry import ARCHS
 
@@ -40,26 +38,6 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-@contextlib.contextmanager
-def atomic_open(path: str | Path, mode: str = "wb"):
-    """Open a temp file beside `path`; on success fsync it and rename it over `path`.
-
-    Readers never see a half-written file: a crash leaves at most a stray `.NAME.*.tmp`.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3) -> Path:
     """Write `state` atomically (temp file in the same dir + fsync + rename) and keep the last `keep` files.
 
@@ -70,11 +48,7 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3) 
     final = checkpoint_path(run_dir, step)
     with atomic_open(final) as f:
         torch.save(dict(state, format=FORMAT, step=step), f)
-    dir_fd = os.open(run_dir, os.O_RDONLY)  # make the rename itself durable
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(run_dir)  # make the rename itself durable
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             old.unlink(missing_ok=True)

@@ -16,22 +16,21 @@ writes a temporary file in the output folder, renamed into place only when compl
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __package__ in (None, ""):  # run as a script: the repository root, not pipelines/, goes on sys.path
-    # (pipelines/ holds modules such as inspect.py that would shadow the standard library's)
-    sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import argparse
 import json
 import multiprocessing as mp
 import os
 import signal
+import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python pipelines/convert_ffcv.py` from a checkout: make the repo importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 
+from common.io import fsync_dir  # noqa: E402
 from pipelines.sources import BadImage, decode_rgb, open_source  # noqa: E402
 
 
@@ -201,14 +200,10 @@ def convert(src: str | None, out: str | os.PathLike, max_resolution: int = 256, 
         proc.join()
         if proc.exitcode != 0:
             raise RuntimeError(f"FFCV writer for {str(out)!r} failed (exit code {proc.exitcode}); see its output above")
-        with open(tmp, "rb+") as f:
+        with open(tmp, "rb+") as f:  # FFCV's writer (another process) wrote it: make it durable, then publish
             os.fsync(f.fileno())
         os.replace(tmp, out)
-        dir_fd = os.open(out.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        fsync_dir(out.parent)
         t_write = time.perf_counter() - t1
     finally:
         tmp.unlink(missing_ok=True)

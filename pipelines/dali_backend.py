@@ -6,13 +6,15 @@
 - CPU device: the same graph; DALI picks each operator's CPU implementation from where its input lives.
   No GPU-only operator is used (grey = `hsv` with saturation 0, solarize = `lookup_table`).
 
-Data and random choices come in through one `fn.external_source` fed from Python: the encoded bytes of the
-samples that `sources.epoch_batches` assigns to this rank and step, and every per-view random parameter,
-drawn with a vectorised counter-based generator from (seed, epoch, sample index, view). So shuffling,
-sharding, drop_last, `set_epoch` and a
-mid-epoch resume are exact and identical to the torchvision reference's order, and a sample's views do not
-depend on the batch or step it lands in. The crop window follows torchvision's RandomResizedCrop sampling
-exactly (needs the image size: parsed from the header, ~30 us).
+Data and random choices come in through one `fn.external_source` fed from Python: the encoded bytes and
+labels of the samples that `sources.epoch_batches` assigns to this rank and step, and three small arrays
+per sample (int32 [V, NUM_INTS], float32 [V, NUM_FLOATS], bool [V, NUM_FLAGS]) that the graph slices
+per view. `graph_args` derives them, vectorised, from the common per-view parameters of
+pipelines/params.py (the sampler every backend reads; it needs the image size: parsed from the header,
+~30 us). So shuffling, sharding, drop_last, `set_epoch` and a mid-epoch resume are exact, the order and
+the random choices are the torchvision reference's, and a sample's views do not depend on the batch or
+step it lands in. (DALI's operator arguments are typed: a slice window or a mirror flag must be an
+integer tensor, a branch predicate a boolean one, hence three arrays rather than one.)
 
 Cost choices (CPU ms per image measured on 2 cores, see ../shared/DESIGN.md "Leads worth measuring"):
 - decode once, cut 8 views from it;
@@ -29,148 +31,81 @@ Cost choices (CPU ms per image measured on 2 cores, see ../shared/DESIGN.md "Lea
 Measured (CPU ms per source image, seed recipe, imagenette160, 2 busy cores): this graph 5.8 (4.1 of it
 with every random op off; the Python feed is ~0.7 of that), the torchvision reference ~26-29.
 
-Where DALI's colour maths differs from torchvision's (bounded in tests/test_pipelines.py):
+Where DALI's colour maths differs from torchvision's (bounded in tests/test_pipelines.py and
+tests/test_cross_backend.py):
 - contrast pivots on the fixed mid-grey 128 (`brightness_contrast.contrast_center`) instead of the
   image's mean grey; brightness and contrast are applied in one op without the intermediate clamp;
 - hue and saturation are one linear transform in a YIQ-like space (`fn.hsv`), not HSV, and always
-  after brightness/contrast (torchvision applies the four jitters in a random order);
-- greyscale (`hsv` saturation 0) keeps the luma Y = .299R + .587G + .114B, as torchvision does.
+  after brightness/contrast (the drawn order P_ORDER is not followed);
+- greyscale (`hsv` saturation 0) keeps the luma Y = .299R + .587G + .114B, as torchvision does;
+- resize is DALI's antialiased linear filter (torchvision: PIL's antialiased bilinear), and the blur
+  window is the one above.
 """
 
 from __future__ import annotations
 
-import math
+import functools
 import os
+import warnings
 
 import numpy as np
 import torch
 
 from pipelines.batch import Batch
-from pipelines.sources import BadImage, check_encoded
-from pipelines.sources import ShardedLoader
+from pipelines.params import (
+    P_BLUR, P_BRIGHT, P_CONTRAST, P_FLIP, P_GRAY, P_H, P_HUE, P_JITTER, P_SAT, P_SIGMA, P_SOLAR, P_W, P_X, P_Y,
+    sample_views,
+)
+from pipelines.sources import ShardedLoader, check_encoded, read_replacing_bad
 from pipelines.spec import MultiCropSpec
 
-MAX_REPLACEMENTS = 16
-# Per-view parameters fed to the graph, in this order (name, numpy dtype).
-VIEW_PARAMS = (
-    ("start", np.int32),  # crop top-left (y, x) in source pixels
-    ("shape", np.int32),  # crop (h, w)
-    ("color_first", np.bool_),  # jitter/grey needed and the crop is smaller than the view: colour, then resize
-    ("color_after", np.bool_),  # jitter/grey needed and the crop is larger: resize, then colour
-    ("jitter", np.bool_),
-    ("brightness", np.float32),
-    ("contrast", np.float32),
-    ("hue", np.float32),  # degrees
-    ("saturation", np.float32),  # 0 when the view is greyed
-    ("blur_first", np.bool_),  # blurred and the crop is no larger than the view: blur at source scale
-    ("blur_after", np.bool_),  # blurred, crop larger in some axis: blur the resized view
-    ("sigma", np.float32),  # (sigma_y, sigma_x) in the pixels of whichever image is blurred
-    ("window", np.int32),  # (window_y, window_x), odd
-    ("solarize", np.bool_),
-    ("flip", np.int32),  # crop_mirror_normalize's mirror
-)
+# The graph's per-view arguments (`graph_args`), one array per dtype. Columns:
+I_START, I_SHAPE = slice(0, 2), slice(2, 4)  # int32: crop top-left (y, x) and (h, w) in source pixels
+I_WINDOW, I_FLIP = slice(4, 6), 6  # blur window (y, x), odd; crop_mirror_normalize's mirror
+NUM_INTS = 7
+F_BRIGHT, F_CONTRAST, F_HUE, F_SAT = 0, 1, 2, 3  # float32: 1, 1, 0, 1 when not jittered; hue in degrees;
+F_SIGMA = slice(4, 6)  # saturation 0 greys; blur sigma (y, x) in the pixels of whichever image is blurred
+NUM_FLOATS = 6
+B_JITTER = 0  # bool branch predicates: brightness/contrast applies
+B_COLOUR_FIRST = 1  # jitter or grey, and the crop has fewer pixels than the view: colour, then resize
+B_COLOUR_AFTER = 2  # jitter or grey, and the crop is larger: resize, then colour
+B_BLUR_FIRST = 3  # blurred, and the crop is no larger than the view: blur at source scale
+B_BLUR_AFTER = 4  # blurred, and the crop is larger in some axis: blur the resized view
+B_SOLAR = 5
+NUM_FLAGS = 6
 
 
-def used_params(spec: MultiCropSpec) -> tuple[tuple[str, type], ...]:
-    """The VIEW_PARAMS the graph reads: ops with probability 0 get no branch and no inputs."""
-    off = set()
-    if spec.jitter_p == 0:
-        off |= {"jitter", "brightness", "contrast"}
-        if spec.grayscale_p == 0:
-            off |= {"color_first", "color_after", "hue", "saturation"}
-    if spec.blur_p == 0:
-        off |= {"blur_first", "blur_after", "sigma", "window"}
-    if spec.solarize_p == 0 or spec.solarize_threshold > 255:
-        off.add("solarize")
-    return tuple((n, t) for n, t in VIEW_PARAMS if n not in off)
+@functools.lru_cache(maxsize=64)
+def _view_sizes(spec: MultiCropSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per view: the output side and half of torchvision's blur kernel, as float arrays (once per spec)."""
+    return (np.array([view.size for view in spec.views], np.float64),
+            np.array([(view.blur_kernel - 1) // 2 for view in spec.views], np.float64))
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a counter-based random generator."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
-def uniforms(seed: int, epoch: int, indices, views: int, slots: int) -> np.ndarray:
-    """[B, views, slots] uniforms in [0, 1) that depend only on (seed, epoch, sample index, view, slot):
-    a sample's choices do not depend on its batch, its position or the resume point. Vectorised, so a
-    batch costs microseconds (the per-sample Generator it replaces cost ~70 us per view)."""
-    key = _mix(_mix(np.full(1, seed, np.uint64)) ^ np.uint64(epoch))
-    key = _mix(key ^ np.asarray(indices, np.uint64))[:, None]
-    counter = np.arange(views * slots, dtype=np.uint64)[None, :]
-    bits = _mix(key ^ _mix(counter + np.uint64(1)))
-    return ((bits >> np.uint64(11)).astype(np.float64) * 2.0**-53).reshape(len(indices), views, slots)
-
-
-TRIES = 10  # torchvision RandomResizedCrop: 10 tries, then a centre crop
-SLOTS = 2 * TRIES + 2 + 5 + 5  # crop tries (area, ratio), crop position, 5 coins, 5 strengths
-
-
-def draw_params(spec: MultiCropSpec, seed: int, epoch: int, indices, heights, widths) -> list[dict]:
-    """Every random choice of every view of a batch (torchvision's probabilities and ranges), per view a
-    dict name -> array [B, ...]. The crop follows torchvision's RandomResizedCrop.get_params exactly:
-    the first of 10 (area, log-ratio) tries that fits, else a centre crop of the clamped ratio. Every draw
-    is made whatever the probabilities, so switching one op off leaves the others' choices intact."""
-    plan = view_plan(spec)
-    n, nv = len(indices), len(plan)
-    u = uniforms(seed, epoch, indices, nv, SLOTS)
-    H = np.asarray(heights, np.float64)[:, None]
-    W = np.asarray(widths, np.float64)[:, None]
-    out = []
-    lr = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
-    for v, (size, (lo, hi)) in enumerate(plan):
-        uv = u[:, v]
-        area = H * W * (lo + (hi - lo) * uv[:, :TRIES])
-        aspect = np.exp(lr[0] + (lr[1] - lr[0]) * uv[:, TRIES: 2 * TRIES])
-        w = np.round(np.sqrt(area * aspect))  # round half to even, as Python's round()
-        h = np.round(np.sqrt(area / aspect))
-        ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
-        k = ok.argmax(1)[:, None]
-        h, w, found = np.take_along_axis(h, k, 1)[:, 0], np.take_along_axis(w, k, 1)[:, 0], ok.any(1)
-        Hs, Ws = H[:, 0], W[:, 0]
-        in_ratio = Ws / Hs
-        ch = np.where(in_ratio < spec.ratio[0], np.round(Ws / spec.ratio[0]), np.where(in_ratio > spec.ratio[1], Hs, Hs))
-        cw = np.where(in_ratio < spec.ratio[0], Ws, np.where(in_ratio > spec.ratio[1], np.round(Hs * spec.ratio[1]), Ws))
-        h, w = np.where(found, h, ch), np.where(found, w, cw)
-        y = np.where(found, np.floor(uv[:, 2 * TRIES] * (Hs - h + 1)), (Hs - h) // 2)
-        x = np.where(found, np.floor(uv[:, 2 * TRIES + 1] * (Ws - w + 1)), (Ws - w) // 2)
-        coin = uv[:, 2 * TRIES + 2: 2 * TRIES + 7]
-        b, c, sat, hue, sig = (uv[:, 2 * TRIES + 7 + j] for j in range(5))
-        jitter, grey, blur = coin[:, 1] < spec.jitter_p, coin[:, 2] < spec.grayscale_p, coin[:, 3] < spec.blur_p
-
-        def factor(strength: float, u01: np.ndarray) -> np.ndarray:  # torchvision: U[max(0, 1 - x), 1 + x]
-            f0 = max(0.0, 1.0 - strength)
-            return np.where(jitter, f0 + (1.0 + strength - f0) * u01, 1.0)
-
-        sigma = spec.blur_sigma[0] + (spec.blur_sigma[1] - spec.blur_sigma[0]) * sig
-        colour = jitter | grey
-        small = h * w < size * size
-        up = (h <= size) & (w <= size)
-        # Blur window 2*ceil(3 sigma)+1, never wider than torchvision's kernel for the view (whose
-        # truncation is then reproduced). When the crop is upsampled, blurring the crop with sigma scaled
-        # by crop/view and then resizing equals (up to sampling) blurring the view, on fewer pixels.
-        half = (spec.blur_kernel(size) - 1) // 2
-        f_yx = np.stack([np.where(up, h / size, 1.0), np.where(up, w / size, 1.0)], 1)
-        sig_yx = sigma[:, None] * f_yx
-        win = 2 * np.minimum(np.ceil(3 * sig_yx), np.maximum(1, np.round(half * f_yx))) + 1
-        out.append({
-            "start": np.stack([y, x], 1), "shape": np.stack([h, w], 1),
-            "color_first": colour & small, "color_after": colour & ~small, "jitter": jitter,
-            "brightness": factor(spec.brightness, b), "contrast": factor(spec.contrast, c),
-            "hue": np.where(jitter, spec.hue * (2 * hue - 1) * 360.0, 0.0),  # fraction of a turn -> degrees
-            "saturation": np.where(grey, 0.0, factor(spec.saturation, sat)),
-            "blur_first": blur & up, "blur_after": blur & ~up, "sigma": sig_yx, "window": win,
-            "solarize": (coin[:, 4] < spec.solarize_p) & (spec.solarize_threshold <= 255),
-            "flip": coin[:, 0] < spec.flip_p, "sigma_view": sigma,
-        })
-    return out
-
-
-def view_plan(spec: MultiCropSpec) -> list[tuple[int, tuple[float, float]]]:
-    return [(spec.global_size, spec.global_scale)] * spec.global_views + \
-        [(spec.local_size, spec.local_scale)] * spec.local_views
+def graph_args(spec: MultiCropSpec, params: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Common parameters [B, V, P] (pipelines/params.py) -> the graph's int32 [B, V, NUM_INTS],
+    float32 [B, V, NUM_FLOATS] and bool [B, V, NUM_FLAGS] arguments (vectorised: microseconds)."""
+    size, half = _view_sizes(spec)
+    h, w = params[..., P_H], params[..., P_W]
+    jitter, grey, blur = params[..., P_JITTER] != 0, params[..., P_GRAY] != 0, params[..., P_BLUR] != 0
+    colour = jitter | grey
+    small = h * w < size * size
+    up = (h <= size) & (w <= size)
+    # Blur window 2*ceil(3 sigma)+1, never wider than torchvision's kernel for the view (whose truncation
+    # is then reproduced). When the crop is upsampled, blurring the crop with sigma scaled by crop/view and
+    # then resizing equals (up to sampling) blurring the view, on fewer pixels.
+    f_y, f_x = np.where(up, h / size, 1.0), np.where(up, w / size, 1.0)
+    sigma = params[..., P_SIGMA]
+    window = [2 * np.minimum(np.ceil(3 * sigma * f), np.maximum(1, np.round(half * f))) + 1 for f in (f_y, f_x)]
+    ints = np.stack([params[..., P_Y], params[..., P_X], h, w, *window, params[..., P_FLIP]], -1).astype(np.int32)
+    floats = np.stack([
+        np.where(jitter, params[..., P_BRIGHT], 1.0), np.where(jitter, params[..., P_CONTRAST], 1.0),
+        np.where(jitter, params[..., P_HUE] * 360.0, 0.0),  # a fraction of a turn -> degrees
+        np.where(grey, 0.0, np.where(jitter, params[..., P_SAT], 1.0)),
+        sigma * f_y, sigma * f_x,
+    ], -1).astype(np.float32)
+    flags = np.stack([jitter, colour & small, colour & ~small, blur & up, blur & ~up, params[..., P_SOLAR] != 0], -1)
+    return ints, floats, flags
 
 
 def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads: int, device_id: int | None,
@@ -178,46 +113,45 @@ def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads
     """The one graph for both devices. `gpu` only changes where decoding happens (and so every op after)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    views = view_plan(spec)
-    params = used_params(spec)
-    n_out = 2 + len(views) * len(params)
     solarize_lut = [255 - v if v >= spec.solarize_threshold else v for v in range(256)]
-
-    colour_on = spec.jitter_p > 0 or spec.grayscale_p > 0
-    blur_on, solarize_on = spec.blur_p > 0, spec.solarize_p > 0 and spec.solarize_threshold <= 255
-
-    def colour(img, p):
-        if spec.jitter_p > 0 and p["jitter"]:
-            img = fn.brightness_contrast(img, brightness=p["brightness"], contrast=p["contrast"],
-                                         contrast_center=128.0)
-        return fn.hsv(img, hue=p["hue"], saturation=p["saturation"])
+    on = spec.enabled_ops
+    colour_on = "jitter" in on or "grayscale" in on
 
     @pipeline_def(enable_conditionals=True, batch_size=batch_size, num_threads=num_threads,
                   device_id=device_id, seed=seed, prefetch_queue_depth=2, exec_dynamic=True)
     def multicrop():
-        inputs = fn.external_source(source=source_cb, num_outputs=n_out, batch=True, batch_info=True)
-        encoded, label = inputs[0], inputs[1]
+        encoded, label, ints, floats, flags = fn.external_source(source=source_cb, num_outputs=5, batch=True,
+                                                                 batch_info=True)
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
                                   adjust_orientation=False)
+
+        def colour(img, v):
+            if "jitter" in on and flags[v, B_JITTER]:
+                img = fn.brightness_contrast(img, brightness=floats[v, F_BRIGHT],
+                                             contrast=floats[v, F_CONTRAST], contrast_center=128.0)
+            return fn.hsv(img, hue=floats[v, F_HUE], saturation=floats[v, F_SAT])
+
+        def blur(img, v):
+            return fn.gaussian_blur(img, sigma=floats[v, F_SIGMA], window_size=ints[v, I_WINDOW])
+
         outs = []
-        for v, (size, _scale) in enumerate(views):
-            p = dict(zip((n for n, _ in params), inputs[2 + v * len(params): 2 + (v + 1) * len(params)]))
-            # Branches whose probability is 0 in the spec are not built at all (a conditional costs a
-            # split and a merge of the batch even when no sample takes it).
-            x = fn.slice(image, start=p["start"], shape=p["shape"], axis_names="HW")
-            if blur_on and p["blur_first"]:  # blur and DALI's colour ops are linear per pixel: order is free
-                x = fn.gaussian_blur(x, sigma=p["sigma"], window_size=p["window"])
-            if colour_on and p["color_first"]:
-                x = colour(x, p)
-            x = fn.resize(x, resize_x=size, resize_y=size, interp_type=types.INTERP_LINEAR, antialias=True)
-            if colour_on and p["color_after"]:
-                x = colour(x, p)
-            if blur_on and p["blur_after"]:
-                x = fn.gaussian_blur(x, sigma=p["sigma"], window_size=p["window"])
-            if solarize_on and p["solarize"]:
+        for v, view in enumerate(spec.views):
+            # Branches of ops the spec switches off are not built at all (a conditional costs a split and
+            # a merge of the batch even when no sample takes it).
+            x = fn.slice(image, start=ints[v, I_START], shape=ints[v, I_SHAPE], axis_names="HW")
+            if "blur" in on and flags[v, B_BLUR_FIRST]:  # blur and DALI's colour ops are linear: order is free
+                x = blur(x, v)
+            if colour_on and flags[v, B_COLOUR_FIRST]:
+                x = colour(x, v)
+            x = fn.resize(x, resize_x=view.size, resize_y=view.size, interp_type=types.INTERP_LINEAR, antialias=True)
+            if colour_on and flags[v, B_COLOUR_AFTER]:
+                x = colour(x, v)
+            if "blur" in on and flags[v, B_BLUR_AFTER]:
+                x = blur(x, v)
+            if "solarize" in on and flags[v, B_SOLAR]:
                 x = fn.lookup_table(x, keys=list(range(256)), values=solarize_lut, dtype=types.UINT8)
             outs.append(fn.crop_mirror_normalize(
-                x, mirror=p["flip"], dtype=types.FLOAT, output_layout="CHW",
+                x, mirror=ints[v, I_FLIP], dtype=types.FLOAT, output_layout="CHW",
                 mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std]))
         g = fn.stack(*outs[: spec.global_views])
         loc = fn.stack(*outs[spec.global_views:]) if spec.local_views else g
@@ -242,17 +176,6 @@ class DaliLoader(ShardedLoader):
         self._exhausted = True  # False while a pass is in flight: its prefetched batches would be stale
 
     # -- feeding -------------------------------------------------------------------------------------
-    def _load(self, index: int) -> tuple[bytes, int, int, int]:
-        """(plain encoded bytes, height, width, sample index actually used): bad files are replaced."""
-        for k in range(MAX_REPLACEMENTS):
-            i = (index + k) % len(self.source)
-            try:
-                data, h, w = check_encoded(self.source.read(i), self.source.name(i))
-                return data, h, w, i
-            except (BadImage, OSError) as e:
-                self.bad_files.add(self.source.name(i), str(e))
-        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images in {self.source.root!r} from {index}")
-
     def _feed(self, info):
         """external_source callback: the batch for iteration `info.iteration` of the current plan."""
         if info.iteration >= len(self._plan):
@@ -260,21 +183,22 @@ class DaliLoader(ShardedLoader):
         indices = self._plan[info.iteration]
         encoded, labels, heights, widths = [], [], [], []
         for index in indices:
-            data, h, w, used = self._load(int(index))
+            (data, h, w), used = read_replacing_bad(self.source, int(index), check_encoded, self.bad_files.add)
             encoded.append(np.frombuffer(data, np.uint8))
             labels.append(self.source.labels[used])
             heights.append(h)
             widths.append(w)
-        out = [encoded, np.asarray(labels, np.int64)]
-        for p in draw_params(self.spec, self.seed, self.epoch_in_flight, indices, heights, widths):
-            out += [np.ascontiguousarray(p[name], dtype) for name, dtype in used_params(self.spec)]
-        return tuple(out)
+        # A replaced sample keeps the random choices of its slot (index), drawn for the image it shows.
+        params = sample_views(self.spec, self.seed, self.epoch_in_flight, indices, heights, widths)
+        return (encoded, np.asarray(labels, np.int64), *graph_args(self.spec, params))
 
     # -- iteration -----------------------------------------------------------------------------------
     def _build(self):
         gpu_id = (self.device.index or 0) if self.gpu else None
         pipe = define_pipeline(self.spec, self._feed, self.batch_size, self.num_threads, gpu_id, self.gpu, self.seed)
-        pipe.build()
+        with warnings.catch_warnings():  # a recipe with some ops off leaves an argument array unread (a few bytes)
+            warnings.filterwarnings("ignore", message="The external source node .* not used")
+            pipe.build()
         return pipe
 
     def _to_torch(self, out) -> torch.Tensor:

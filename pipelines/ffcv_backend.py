@@ -16,10 +16,12 @@ The pipeline, as FFCV declares it (ffcv-imagenet style):
     label -> LabelKeyDecoder  (label, key) where key = epoch << 40 | sample index
 
 Randomness and order: our own traversal order hands FFCV keys instead of bare indices (the decoders mask
-the epoch off), so every random choice is a hash of (seed, epoch, sample index) -- exact resume, same views
-whatever the rank, batch or thread. Sharding/shuffling is `sources.epoch_batches`, shared with the other
-backends (`order="random"`), or a page-local shuffle (`order="quasi_random"`) for datasets that do not fit
-in the page cache.
+the epoch off), and the decoder draws every view's parameters with the sampler all backends share
+(pipelines/params.py) from (seed, epoch, sample index) -- exact resume, the same views whatever the rank,
+batch or thread, and the same as the other backends'. Epoch, shard and resume position are
+`sources.ShardedLoader`'s; the order is `sources.epoch_batches`' seeded shuffle (`order="random"`, as
+the other backends), or a page-local shuffle (`order="quasi_random"`) for datasets that do not fit in the
+page cache, sliced into steps and ranks by the same function.
 
 Deviations from torchvision (the reference backend): the crop is resized with OpenCV INTER_AREA instead of
 antialiased bilinear, and colour ops run in float32 without rounding to uint8 between ops.
@@ -31,15 +33,16 @@ import itertools
 import os
 import queue
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from pipelines.batch import Batch
-from pipelines.ffcv_ops import EPOCH_SHIFT, view_layout, INDEX_MASK, batch_view_params, make_key, render_views, spec_vector
-from pipelines.sources import epoch_batches, steps_per_epoch
+from pipelines.ffcv_ops import block_sizes, render_views
+from pipelines.params import EPOCH_SHIFT, INDEX_MASK, constants, draw_batch, make_key
+from pipelines.sources import ShardedLoader
 from pipelines.spec import MultiCropSpec
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
@@ -81,14 +84,9 @@ def open_beton(path: str | os.PathLike):
     return reader
 
 
-def _view_layout(spec: MultiCropSpec) -> tuple[int, int]:
-    """Elements per sample of the global and the local block."""
-    return view_layout(spec_vector(spec))
-
-
 def split_views(flat: torch.Tensor, count: int, spec: MultiCropSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """[count * (Dg + Dl)] buffer -> contiguous global [B,G,3,H,W] and local [B,L,3,h,w] views of it."""
-    dg, _ = _view_layout(spec)
+    dg, _ = block_sizes(constants(spec))
     flat = flat.reshape(-1)
     g = flat[: count * dg].view(count, spec.global_views, 3, spec.global_size, spec.global_size)
     loc = flat[count * dg:].view(count, spec.local_views, 3, spec.local_size, spec.local_size)
@@ -126,7 +124,7 @@ def _decoder_classes():
             self.spec, self.seed, self.uint8 = spec, seed, uint8
 
         def declare_state_and_memory(self, previous_state):
-            dg, dl = _view_layout(self.spec)
+            dg, dl = block_sizes(constants(self.spec))
             shape, dtype = (dg + dl,), np.dtype("uint8" if self.uint8 else "float32")
             return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype), AllocationQuery(shape, dtype))
 
@@ -134,8 +132,8 @@ def _decoder_classes():
             mem_read = self.memory_read
             my_range = Compiler.get_iterator()
             imdecode_c, resize_c = _libffcv_jit()
-            dg, dl = _view_layout(self.spec)
-            seed, sv = np.uint64(self.seed), spec_vector(self.spec)
+            dg, dl = block_sizes(constants(self.spec))
+            seed, table = np.uint64(self.seed), constants(self.spec)
             index_mask = np.uint64(INDEX_MASK)
             jpg = IMAGE_MODES["jpg"]
 
@@ -153,7 +151,7 @@ def _decoder_classes():
                         for x in range(width):
                             for c in range(3):
                                 src[y, x, c] = data[(y * width + x) * 3 + c]
-                render_views(src, key, b, count, seed, sv, out_f32, out_u8, resize_c)
+                render_views(src, key, b, count, seed, table, out_f32, out_u8, resize_c)
 
             decode_one = Compiler.compile(decode_one)
 
@@ -288,8 +286,35 @@ def _next_output(iterator):
     return result
 
 
-class FFCVLoader:
-    """The Loader protocol of pipelines/__init__.py over an FFCV `Loader` (see module docstring)."""
+@dataclass
+class BetonSource:
+    """What the loader needs of a .beton besides FFCV's own reader: its size, labels and image sizes."""
+
+    root: str
+    field_names: list[str]
+    labels: np.ndarray  # int64 [N]
+    heights: np.ndarray  # int64 [N], as stored (the sampler draws crops from them)
+    widths: np.ndarray
+
+    @classmethod
+    def open(cls, path) -> "BetonSource":
+        reader = open_beton(path)
+        image = reader.metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
+        labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
+        return cls(str(path), list(reader.field_names), np.asarray(labels, np.int64),
+                   image["height"].astype(np.int64), image["width"].astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.labels.max()) + 1 if len(self.labels) else 0
+
+
+class FFCVLoader(ShardedLoader):
+    """The Loader protocol of pipelines/__init__.py over an FFCV `Loader` (see module docstring). A finished
+    pass moves the loader on to the next epoch."""
 
     def __init__(self, path, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
@@ -301,20 +326,12 @@ class FFCVLoader:
 
         if order not in ORDERS:
             raise ValueError(f"FFCV order {order!r}: valid are {ORDERS}")
-        reader = open_beton(path)
-        self.path, self.spec, self.batch_size, self.device = str(path), spec, batch_size, torch.device(device)
-        self.rank, self.world_size, self.seed, self.drop_last, self.order = rank, world_size, seed, drop_last, order
-        self.num_samples = int(reader.num_samples)
-        labels = reader.metadata[f"f{reader.field_names.index(LABEL_FIELD)}"]
-        self.num_classes = int(labels.max()) + 1 if len(labels) else 0
-        image_meta = reader.metadata[f"f{reader.field_names.index(IMAGE_FIELD)}"]
-        self._heights = image_meta["height"].astype(np.int64)
-        self._widths = image_meta["width"].astype(np.int64)
-        if steps_per_epoch(self.num_samples, batch_size, world_size, drop_last) == 0:
-            raise ValueError(f"FFCV source {self.path!r}: {self.num_samples} samples < one global batch "
-                             f"({batch_size} x {world_size} ranks) with drop_last")
         if colour_ops not in ("auto", "fused", "torch"):
             raise ValueError(f"colour_ops={colour_ops!r}: valid are 'auto', 'fused', 'torch'")
+        self._running = None  # before anything can fail: __del__ closes it
+        super().__init__(BetonSource.open(path), spec, batch_size, torch.device(device), rank, world_size, seed,
+                         epoch, drop_last)
+        self.path, self.order = str(path), order
         # "torch": FFCV makes uint8 views, the colour ops run batched in torch on `device` (auto on CUDA);
         # "fused": everything in the numba decoder (auto on CPU).
         self.gpu = colour_ops == "torch" or (colour_ops == "auto" and self.device.type == "cuda")
@@ -322,7 +339,7 @@ class FFCVLoader:
         to_gpu = [ToTensor()] if self.gpu else []
         if self.gpu and self.device.type == "cuda":
             to_gpu.append(ToDevice(self.device, non_blocking=True))
-        pipelines = {name: None for name in reader.field_names}  # other fields: not decoded
+        pipelines = {name: None for name in self.source.field_names}  # other fields: not decoded
         pipelines[IMAGE_FIELD] = PipelineSpec(IMAGE_FIELD, MultiCropDecoder(spec, seed, uint8=self.gpu), to_gpu)
         pipelines[LABEL_FIELD] = PipelineSpec(LABEL_FIELD, LabelKeyDecoder())
         workers = num_workers if num_workers and num_workers > 0 else min(os.cpu_count() or 1, 8)
@@ -336,39 +353,26 @@ class FFCVLoader:
         torch.set_num_threads(torch_threads)
         self._loader.traversal_order = self._keys
         if not self.gpu:  # the float views go into recycled buffers that each Batch owns while it lives
-            self._outputs = RecycledBuffers((batch_size, sum(_view_layout(spec))), np.float32)
+            self._outputs = RecycledBuffers((batch_size, sum(block_sizes(constants(spec)))), np.float32)
             _recycle_outputs(self._loader.graph, self._outputs)
         outputs = list(self._loader.pipeline_specs)
         self._image_pos, self._label_pos = outputs.index(IMAGE_FIELD), outputs.index(LABEL_FIELD)
-        self._sv = spec_vector(spec)
-        self._running = None
         self.batch_indices = np.zeros(0, np.int64)  # dataset indices of the batch last handed out
-        self.set_epoch(epoch)
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.source)
 
     # ---- Loader protocol --------------------------------------------------------------------------
-    def __len__(self) -> int:
-        return steps_per_epoch(self.num_samples, self.batch_size, self.world_size, self.drop_last)
-
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        if not 0 <= start_step <= len(self):
-            raise ValueError(f"start_step={start_step} outside the epoch's {len(self)} steps")
+        super().set_epoch(epoch, start_step)
         self.close()
-        self.epoch, self.start_step = int(epoch), int(start_step)
 
-    def epoch_batches(self, epoch: int, start_step: int = 0) -> list[np.ndarray]:
-        """This rank's sample indices per step (pure function of seed, epoch, rank, world_size)."""
-        args = (self.batch_size, self.rank, self.world_size, self.seed, epoch)
+    def epoch_order(self, epoch: int) -> np.ndarray | None:
+        """`order="quasi_random"`: FFCV's page-local shuffle, sliced into steps and ranks as any order."""
         if self.order == "random":
-            return epoch_batches(self.num_samples, *args, start_step=start_step, drop_last=self.drop_last)
-        perm = quasi_random_order(self._loader.memory_manager.page_to_samples, self.num_samples, self.seed, epoch)
-        # Same step/rank slicing as sources.epoch_batches, applied to the page-local permutation.
-        per_step = self.batch_size * self.world_size
-        lo, hi = self.rank * self.batch_size, (self.rank + 1) * self.batch_size
-        batches = [perm[s * per_step + lo: s * per_step + hi] for s in range(self.num_samples // per_step)]
-        tail = perm[len(batches) * per_step:][self.rank::self.world_size]
-        if not self.drop_last and len(tail):
-            batches.append(tail)
-        return batches[start_step:]
+            return None
+        return quasi_random_order(self._loader.memory_manager.page_to_samples, len(self.source), self.seed, epoch)
 
     def __iter__(self):
         self.close()
@@ -403,8 +407,9 @@ class FFCVLoader:
             return Batch(g.to(self.device), loc.to(self.device), labels.to(self.device))
         from pipelines.ffcv_gpu import augment_views
 
-        params = batch_view_params(np.uint64(self.seed), keys, self._heights[self.batch_indices],
-                                   self._widths[self.batch_indices], self._sv)
+        # The very parameters the decoder drew for these samples (same sampler, same keys).
+        params = draw_batch(np.uint64(self.seed), keys, self.source.heights[self.batch_indices],
+                            self.source.widths[self.batch_indices], constants(self.spec))
         params = torch.from_numpy(params).to(self.device, non_blocking=True)
         g8, l8 = split_views(images, count, self.spec)
         G = self.spec.global_views

@@ -2,7 +2,7 @@
 tests/test_ffcv.py checks it against the fused numba op).
 
 Input: uint8 views [B, V, 3, S, S] already cropped, resized and flipped by the FFCV decoder, and the
-per-view parameters [B, V, NUM_PARAMS] that `ffcv_ops.draw_view_params` drew for them. Each op is the
+per-view parameters [B, V, NUM_PARAMS] (pipelines/params.py) the decoder drew for them. Each op is the
 float32 definition of ffcv_ops (= torchvision.transforms.v2 on float images), applied to every view at
 once with per-view factors; a view the op does not apply to is passed through unchanged (torch.where),
 so the result does not depend on which other views share the batch.
@@ -10,11 +10,10 @@ so the result does not depend on which other views share the batch.
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
-from pipelines.ffcv_ops import (
+from pipelines.params import (
     P_BLUR, P_BRIGHT, P_CONTRAST, P_GRAY, P_HUE, P_JITTER, P_ORDER, P_SAT, P_SIGMA, P_SOLAR,
 )
 from pipelines.spec import MultiCropSpec
@@ -101,7 +100,7 @@ def augment_views(views_u8: torch.Tensor, params: torch.Tensor, spec: MultiCropS
         for op in range(4):
             x = _jitter_op(x, op, p, jitter & (order[:, position] == op))
     x = torch.where(_col(p[:, P_GRAY] != 0), _grey(x).expand_as(x), x)
-    if spec.blur_p > 0:
+    if "blur" in spec.enabled_ops:
         x = torch.where(_col(p[:, P_BLUR] != 0), _blur(x, p[:, P_SIGMA], spec.blur_kernel(size)), x)
     threshold = spec.solarize_threshold / 255.0
     x = torch.where(_col(p[:, P_SOLAR] != 0) & (x >= threshold), 1.0 - x, x)

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+from common.images import IMAGE_EXTS
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 LABEL_EXTS = ("cls", "class", "label")  # webdataset members holding an integer label
 
 
@@ -176,20 +177,31 @@ def steps_per_epoch(n: int, batch_size: int, world_size: int, drop_last: bool = 
     return n // per_step if drop_last else -(-n // per_step)
 
 
+def check_sharding(n: int, batch_size: int, rank: int, world_size: int, drop_last: bool = True) -> None:
+    """ValueError unless `rank` of `world_size` ranks can run at least one step of `batch_size` of n."""
+    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad sharding: batch_size={batch_size}, rank={rank}, world_size={world_size}")
+    if steps_per_epoch(n, batch_size, world_size, drop_last) == 0:
+        raise ValueError(f"{n} samples < one global batch ({batch_size} x {world_size} ranks) with drop_last")
+
+
 def epoch_batches(
     n: int, batch_size: int, rank: int, world_size: int, seed: int, epoch: int,
-    start_step: int = 0, shuffle: bool = True, drop_last: bool = True,
+    start_step: int = 0, shuffle: bool = True, drop_last: bool = True, order: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Sample indices of each step this rank runs in `epoch`, from `start_step` on.
 
-    The permutation depends only on (seed, epoch). Step s of the epoch uses the global slice
-    perm[s*B*W : (s+1)*B*W], split into W contiguous per-rank batches, so ranks are disjoint, every rank
-    runs the same number of full batches (drop_last), and resuming at `start_step` is the tail of the
-    same list. Without drop_last the last, short global step is split round-robin (eval only).
+    The permutation depends only on (seed, epoch), or is `order` when the caller brings its own (FFCV's
+    page-local shuffle). Step s of the epoch uses the global slice perm[s*B*W : (s+1)*B*W], split into W
+    contiguous per-rank batches, so ranks are disjoint, every rank runs the same number of full batches
+    (drop_last), and resuming at `start_step` is the tail of the same list. Without drop_last the last,
+    short global step is split round-robin (eval only).
     """
-    if batch_size < 1 or world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"bad sharding: batch_size={batch_size}, rank={rank}, world_size={world_size}")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    check_sharding(n, batch_size, rank, world_size, drop_last)
+    if order is None:
+        order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    elif len(order) != n:
+        raise ValueError(f"order has {len(order)} entries for {n} samples")
     per_step = batch_size * world_size
     full = n // per_step
     batches = [order[s * per_step + rank * batch_size: s * per_step + (rank + 1) * batch_size] for s in range(full)]
@@ -197,19 +209,27 @@ def epoch_batches(
         tail = order[full * per_step:][rank::world_size]
         if len(tail):
             batches.append(tail)
-    if steps_per_epoch(n, batch_size, world_size, drop_last) == 0:
-        raise ValueError(f"{n} samples < one global batch ({batch_size} x {world_size} ranks) with drop_last")
     return batches[start_step:]
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Per-sample seed: the random choices of sample `index` in `epoch` depend on nothing else (not on
-    workers, batch position or resume point)."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Tolerant decoding.
+
+
+MAX_REPLACEMENTS = 16  # consecutive unreadable samples before the source counts as broken
+
+
+def read_replacing_bad(source: Source, index: int, decode, on_bad):
+    """`decode(bytes, name)` of sample `index`, or, when its file is unreadable (BadImage, OSError), of the
+    first readable sample after it (cyclically); `on_bad(name, reason)` hears of each bad file met. A long
+    run needs a counted, logged skip, not a crash. Returns (decoded, index of the sample used)."""
+    for k in range(MAX_REPLACEMENTS):
+        i = (index + k) % len(source)
+        try:
+            return decode(source.read(i), source.name(i)), i
+        except (BadImage, OSError) as e:
+            on_bad(source.name(i), str(e))
+    raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images in {source.root!r} from sample {index}")
 
 
 class BadFileLog:
@@ -301,17 +321,21 @@ def _png_bit_depth(data: bytes) -> int:
 
 class ShardedLoader:
     """State every backend's loader shares (the protocol in pipelines/__init__.py): the source, this rank's
-    shard, the epoch and the resume point. Subclasses implement `__iter__` over `next_pass()`."""
+    shard, the epoch and the resume point. `source` is a path (opened with `open_source`) or an object with
+    `len()`, `root` and `num_classes` (a `Source`, FFCV's .beton). Subclasses implement `__iter__` over
+    `next_pass()`, and may bring their own epoch order (`epoch_order`)."""
 
     def __init__(self, source, spec, batch_size: int, device, rank: int = 0, world_size: int = 1, seed: int = 0,
                  epoch: int = 0, drop_last: bool = True):
-        self.source = source if isinstance(source, Source) else open_source(source)
+        self.source = open_source(source) if isinstance(source, (str, os.PathLike)) else source
         self.spec, self.batch_size, self.device = spec, batch_size, device
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.bad_files = BadFileLog()
-        self.epoch, self.start_step = epoch, 0
-        self.next_pass()  # validates sharding and that one global batch fits, before any work starts
-        self.start_step = 0
+        try:  # before any work starts
+            check_sharding(len(self.source), batch_size, rank, world_size, drop_last)
+        except ValueError as e:
+            raise ValueError(f"data source {self.source.root!r}: {e}") from None
+        self.epoch, self.start_step = int(epoch), 0
 
     @property
     def num_classes(self) -> int:
@@ -321,12 +345,22 @@ class ShardedLoader:
         return steps_per_epoch(len(self.source), self.batch_size, self.world_size, self.drop_last)
 
     def set_epoch(self, epoch: int, start_step: int = 0) -> None:
-        self.epoch, self.start_step = epoch, start_step
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step={start_step} outside the epoch's {len(self)} steps")
+        self.epoch, self.start_step = int(epoch), int(start_step)
 
-    def next_pass(self) -> list:
-        """This rank's batches (index arrays) for the current epoch from the resume point; the resume
-        point applies to one pass only."""
-        batches = epoch_batches(len(self.source), self.batch_size, self.rank, self.world_size, self.seed,
-                                self.epoch, self.start_step, drop_last=self.drop_last)
+    def epoch_order(self, epoch: int) -> np.ndarray | None:
+        """The epoch's permutation of the samples; None: `epoch_batches`' seeded shuffle."""
+        return None
+
+    def epoch_batches(self, epoch: int, start_step: int = 0) -> list[np.ndarray]:
+        """This rank's sample indices per step of `epoch` (a pure function of seed, epoch, rank, world)."""
+        return epoch_batches(len(self.source), self.batch_size, self.rank, self.world_size, self.seed, epoch,
+                             start_step, drop_last=self.drop_last, order=self.epoch_order(epoch))
+
+    def next_pass(self) -> list[np.ndarray]:
+        """This rank's batches for the current epoch from the resume point; the resume point applies to
+        one pass only."""
+        batches = self.epoch_batches(self.epoch, self.start_step)
         self.start_step = 0
         return batches

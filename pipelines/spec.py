@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
+from typing import NamedTuple
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from common.images import IMAGENET_MEAN, IMAGENET_STD
+
+RANDOM_OPS = ("flip", "jitter", "grayscale", "blur", "solarize")  # the per-view coin flips, in recipe order
+
+
+class View(NamedTuple):
+    """One view of the recipe (`MultiCropSpec.views`)."""
+
+    size: int  # output side in pixels
+    scale: tuple[float, float]  # RandomResizedCrop area range
+    is_global: bool
+    blur_kernel: int  # torchvision GaussianBlur kernel size for this view
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,23 @@ class MultiCropSpec:
     @property
     def num_views(self) -> int:
         return self.global_views + self.local_views
+
+    # Derived facts, computed once per spec (cached on the instance; not fields: `replace`, equality,
+    # hashing and `to_dict` see only the recipe).
+    @functools.cached_property
+    def views(self) -> tuple[View, ...]:
+        """The view plan: every view in output order (global views, then local views)."""
+        g = View(self.global_size, self.global_scale, True, self.blur_kernel(self.global_size))
+        loc = View(self.local_size, self.local_scale, False, self.blur_kernel(self.local_size))
+        return (g,) * self.global_views + (loc,) * self.local_views
+
+    @functools.cached_property
+    def enabled_ops(self) -> frozenset[str]:
+        """The RANDOM_OPS that can fire. Solarize at threshold 256 (nothing reaches it) is off whatever its
+        probability: the one place that rule lives."""
+        p = {"flip": self.flip_p, "jitter": self.jitter_p, "grayscale": self.grayscale_p, "blur": self.blur_p,
+             "solarize": self.solarize_p if self.solarize_threshold <= 255 else 0.0}
+        return frozenset(op for op in RANDOM_OPS if p[op] > 0)
 
     def replace(self, **changes) -> "MultiCropSpec":
         return dataclasses.replace(self, **changes)

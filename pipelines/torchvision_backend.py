@@ -1,84 +1,81 @@
-"""The torchvision reference backend: `torchvision.transforms.v2` with its exact semantics + a DataLoader.
+"""The torchvision reference backend: `torchvision.transforms.v2.functional` with its exact semantics + a DataLoader.
 
 It is the behavioural reference for the other backends and the benchmark baseline. Each image is decoded
-once (PIL) and all views are cut from that decoded tensor. The random choices of a sample depend only on
-(seed, epoch, sample index), so the same seed gives the same batch and a resumed epoch is exactly the tail
-of an uninterrupted one, whatever the number of workers.
+once (PIL) and all views are cut from it. The random choices come from the one sampler that every backend
+reads (pipelines/params.py: torchvision's distributions, drawn from a hash of (seed, epoch, sample index,
+view)); this backend renders them with the functional ops in the order of torchvision's recipe
+(`render_view`). So the same seed gives the same views as DALI and FFCV up to their documented rendering
+differences, and a resumed epoch is exactly the tail of an uninterrupted one, whatever the number of
+workers.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 from pipelines.batch import Batch
-from pipelines.sources import BadImage, Source, decode_pil, sample_seed
-from pipelines.sources import ShardedLoader
-from pipelines.spec import MultiCropSpec
+from pipelines.params import (
+    P_BLUR, P_BRIGHT, P_FLIP, P_GRAY, P_H, P_JITTER, P_ORDER, P_SIGMA, P_SOLAR, P_W, P_X, P_Y, sample_views,
+)
+from pipelines.sources import ShardedLoader, Source, decode_pil, read_replacing_bad
+from pipelines.spec import MultiCropSpec, View
 
-log = logging.getLogger(__name__)
+# ColorJitter's ops by their id in P_ORDER (brightness, contrast, saturation, hue); the factor is in column
+# P_BRIGHT + id.
+_JITTER = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation, F.adjust_hue)
 
-MAX_REPLACEMENTS = 16  # consecutive unreadable samples before we call the source broken
 
+def render_view(image, p, view: View, spec: MultiCropSpec) -> torch.Tensor:
+    """One view of a PIL image from its parameter row `p` (pipelines/params.py), in the order of
+    torchvision's recipe: RandomResizedCrop, RandomHorizontalFlip, RandomApply(ColorJitter),
+    RandomGrayscale, RandomApply(GaussianBlur), RandomSolarize, then to float and Normalize.
 
-def view_transform(spec: MultiCropSpec, size: int, scale: tuple[float, float]) -> v2.Compose:
-    """One view of the recipe, in torchvision's order: crop, flip, jitter, grey, blur, solarize, normalise.
-
-    Works on PIL images, as torchvision's ImageFolder recipes do: on these 160-px photos it is ~15 % less
-    CPU than the same ops on uint8 tensors, so the reference is the faster of the two."""
-    return v2.Compose([
-        v2.RandomResizedCrop(size, scale=scale, ratio=spec.ratio, antialias=True),
-        v2.RandomHorizontalFlip(spec.flip_p),
-        v2.RandomApply([v2.ColorJitter(spec.brightness, spec.contrast, spec.saturation, spec.hue)], p=spec.jitter_p),
-        v2.RandomGrayscale(spec.grayscale_p),
-        v2.RandomApply([v2.GaussianBlur(spec.blur_kernel(size), spec.blur_sigma)], p=spec.blur_p),
-        v2.RandomSolarize(min(spec.solarize_threshold, 255), p=spec.solarize_p) if spec.solarize_threshold <= 255
-        else v2.Identity(),
-        v2.PILToTensor(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.Normalize(list(spec.mean), list(spec.std)),
-    ])
+    On PIL images, as torchvision's ImageFolder recipes do: on these 160-px photos it is ~15 % less CPU
+    than the same ops on uint8 tensors, so the reference is the faster of the two."""
+    x = F.resized_crop(image, int(p[P_Y]), int(p[P_X]), int(p[P_H]), int(p[P_W]), [view.size, view.size],
+                       antialias=True)
+    if p[P_FLIP]:
+        x = F.horizontal_flip(x)
+    if p[P_JITTER]:
+        strengths = (spec.brightness, spec.contrast, spec.saturation, spec.hue)
+        for op in p[P_ORDER:P_ORDER + 4].astype(int):
+            if strengths[op] > 0:  # ColorJitter skips an op whose range is the identity
+                x = _JITTER[op](x, float(p[P_BRIGHT + op]))
+    if p[P_GRAY]:
+        x = F.rgb_to_grayscale(x, num_output_channels=3)
+    if p[P_BLUR]:
+        x = F.gaussian_blur(x, [view.blur_kernel, view.blur_kernel], [float(p[P_SIGMA])] * 2)
+    if p[P_SOLAR]:
+        x = F.solarize(x, spec.solarize_threshold)
+    x = F.to_dtype(F.pil_to_tensor(x), torch.float32, scale=True)
+    return F.normalize(x, list(spec.mean), list(spec.std))
 
 
 class MultiCropDataset(Dataset):
-    """Item key (epoch, index) -> (global [G,3,H,W], local [L,3,h,w], label, names of replaced bad files)."""
+    """Item key (epoch, index) -> (global [G,3,H,W], local [L,3,h,w], label, (name, reason) of replaced bad files)."""
 
     def __init__(self, source: Source, spec: MultiCropSpec, seed: int):
         self.source, self.spec, self.seed = source, spec, seed
-        self.global_t = view_transform(spec, spec.global_size, spec.global_scale)
-        self.local_t = view_transform(spec, spec.local_size, spec.local_scale)
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def load(self, index: int):
-        """Decoded RGB PIL image of `index`; an unreadable file is replaced by the next readable one."""
-        bad = []
-        for k in range(MAX_REPLACEMENTS):
-            i = (index + k) % len(self.source)
-            try:
-                return decode_pil(self.source.read(i), self.source.name(i)), int(self.source.labels[i]), bad
-            except (BadImage, OSError) as e:
-                bad.append(f"{self.source.name(i)}\t{e}")
-        raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images in {self.source.root!r} "
-                           f"from sample {index}: {bad[-1]}")
-
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
-        image, label, bad = self.load(index)
-        # Seed torch's CPU RNG (which v2 transforms draw from) per sample, without disturbing the caller's.
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed(self.seed, epoch, index))
-            g = [self.global_t(image) for _ in range(self.spec.global_views)]
-            loc = [self.local_t(image) for _ in range(self.spec.local_views)]
+        bad = []
+        image, used = read_replacing_bad(self.source, index, decode_pil, lambda name, why: bad.append((name, why)))
+        # A replaced sample keeps the random choices of its slot (index), drawn for the image it shows.
+        params = sample_views(self.spec, self.seed, epoch, [index], [image.height], [image.width])[0]
+        views = [render_view(image, params[v], view, self.spec) for v, view in enumerate(self.spec.views)]
+        g = self.spec.global_views
         size = self.spec.local_size
-        local = torch.stack(loc) if loc else torch.empty(0, 3, size, size)
-        return torch.stack(g), local, label, bad
+        local = torch.stack(views[g:]) if self.spec.local_views else torch.empty(0, 3, size, size)
+        return torch.stack(views[:g]), local, int(self.source.labels[used]), bad
 
 
 def collate(items):
@@ -121,8 +118,7 @@ class TorchvisionLoader(ShardedLoader):
             self._loader = self._make_loader()
         cuda = self.device.type == "cuda"
         for g, loc, labels, bad in self._loader:
-            for entry in bad:
-                name, why = entry.split("\t", 1)
+            for name, why in bad:
                 self.bad_files.add(name, why)
             yield Batch(g.to(self.device, non_blocking=cuda), loc.to(self.device, non_blocking=cuda),
                         labels.to(self.device, non_blocking=cuda))

@@ -26,6 +26,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
 from pipelines import SPEC_PRESETS, build_loader  # noqa: E402
 from pipelines import ffcv_ops as ops  # noqa: E402
+from pipelines import params  # noqa: E402
 from pipelines.convert_ffcv import convert  # noqa: E402
 from pipelines.ffcv_backend import _libffcv_jit, open_beton  # noqa: E402
 from pipelines.ffcv_gpu import augment_views  # noqa: E402
@@ -263,6 +264,9 @@ def photo(dtd10) -> np.ndarray:
     return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
+PLAIN = SPEC.replace(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), solarize_threshold=128)
+
+
 def _tv(img: np.ndarray, fn, *args, **kw) -> np.ndarray:
     return fn(torch.from_numpy(img), *args, **kw).numpy()
 
@@ -282,7 +286,9 @@ def _tv(img: np.ndarray, fn, *args, **kw) -> np.ndarray:
      lambda x: _tv(x, TF.gaussian_blur, [9, 9], [0.7, 0.7])),
     ("blur 2.0", lambda x: ops.gaussian_blur(x, 2.0, 9, np.empty(x[0].size, np.float32)),
      lambda x: _tv(x, TF.gaussian_blur, [9, 9], [2.0, 2.0])),
-    ("solarize", lambda x: ops.solarize(x, np.float32(128 / 255)), lambda x: _tv(x, TF.solarize, 128 / 255)),
+    # solarize is fused into normalise: with mean 0 and std 1 normalising is the identity
+    ("solarize", lambda x: ops.normalise(x, True, params.constants(PLAIN)[0]),
+     lambda x: _tv(x, TF.solarize, 128 / 255)),
 ])
 def test_kernel_matches_torchvision(photo, name, ours, theirs):
     expected = theirs(photo.copy())
@@ -293,12 +299,12 @@ def test_kernel_matches_torchvision(photo, name, ours, theirs):
 
 def _render(spec, keys, images, seed=0) -> np.ndarray:
     """The fused float op on decoded images: [N, V] flattened views."""
-    sv = ops.spec_vector(spec)
-    dg, dl = ops.view_layout(sv)
+    table = params.constants(spec)
+    dg, dl = ops.block_sizes(table)
     out = []
     for key, img in zip(keys, images):
         buf = np.empty(dg + dl, np.float32)
-        ops.render_views(img, np.uint64(key), 0, 1, np.uint64(seed), sv, buf, np.empty((0, 1), np.uint8),
+        ops.render_views(img, np.uint64(key), 0, 1, np.uint64(seed), table, buf, np.empty((0, 1), np.uint8),
                          _libffcv_jit()[1])
         g = buf[:dg].reshape(spec.global_views, -1)
         loc = buf[dg:].reshape(spec.local_views, -1)
@@ -322,7 +328,7 @@ def photos(imagenette) -> list[np.ndarray]:
 def test_each_random_op_rate(photos, op, changes):
     """With every other op off, the share of views the op changed matches its probability."""
     base = SPEC.without_randomness()
-    keys = ops.make_key(5, np.arange(len(photos)))
+    keys = params.make_key(5, np.arange(len(photos)))
     off = _render(base.replace(**{k: v for k, v in changes.items() if not k.endswith("_p")}), keys, photos)
     on = _render(base.replace(**changes), keys, photos)
     changed = [not np.array_equal(a, b) for va, vb in zip(on, off) for a, b in zip(va, vb)]
@@ -333,44 +339,44 @@ def test_each_random_op_rate(photos, op, changes):
 def test_view_parameters_follow_the_spec():
     """Crop boxes inside the image with area/ratio in range; factors within torchvision's ranges."""
     spec = SPEC_PRESETS["seed"]
-    sv = ops.spec_vector(spec)
-    keys = ops.make_key(0, np.arange(400))
+    table = params.constants(spec)
+    keys = params.make_key(0, np.arange(400))
     h, w = np.full(400, 160), np.full(400, 213)
-    p = ops.batch_view_params(np.uint64(7), keys, h, w, sv)
-    assert (p[..., ops.P_I] >= 0).all() and (p[..., ops.P_I] + p[..., ops.P_H] <= 160).all()
-    assert (p[..., ops.P_J] >= 0).all() and (p[..., ops.P_J] + p[..., ops.P_W] <= 213).all()
-    area = p[..., ops.P_H] * p[..., ops.P_W] / (160 * 213)
+    p = params.draw_batch(np.uint64(7), keys, h, w, table)
+    assert (p[..., params.P_Y] >= 0).all() and (p[..., params.P_Y] + p[..., params.P_H] <= 160).all()
+    assert (p[..., params.P_X] >= 0).all() and (p[..., params.P_X] + p[..., params.P_W] <= 213).all()
+    area = p[..., params.P_H] * p[..., params.P_W] / (160 * 213)
     assert area[:, :2].min() > 0.29 and area[:, 2:].max() < 0.31
-    assert 0.6 <= p[..., ops.P_BRIGHT].min() and p[..., ops.P_BRIGHT].max() <= 1.4
-    assert np.abs(p[..., ops.P_HUE]).max() <= 0.1
-    assert sorted(p[0, 0, ops.P_ORDER:ops.P_ORDER + 4]) == [0, 1, 2, 3]
-    again = ops.batch_view_params(np.uint64(7), keys, h, w, sv)
+    assert 0.6 <= p[..., params.P_BRIGHT].min() and p[..., params.P_BRIGHT].max() <= 1.4
+    assert np.abs(p[..., params.P_HUE]).max() <= 0.1
+    assert sorted(p[0, 0, params.P_ORDER:params.P_ORDER + 4]) == [0, 1, 2, 3]
+    again = params.draw_batch(np.uint64(7), keys, h, w, table)
     assert np.array_equal(p, again)  # a pure function of (seed, key, view)
-    assert not np.array_equal(p, ops.batch_view_params(np.uint64(8), keys, h, w, sv))
+    assert not np.array_equal(p, params.draw_batch(np.uint64(8), keys, h, w, table))
 
 
 def test_gpu_colour_path_matches_fused_op(photos):
     """pipelines/ffcv_gpu.py (run here on CPU tensors; it is the CUDA path) == the fused numba op."""
     spec = SPEC.replace(jitter_p=0.8, grayscale_p=0.3, blur_p=0.5, solarize_p=0.3)
-    sv = ops.spec_vector(spec)
-    dg, dl = ops.view_layout(sv)
-    keys = ops.make_key(2, np.arange(len(photos)))
+    table = params.constants(spec)
+    dg, dl = ops.block_sizes(table)
+    keys = params.make_key(2, np.arange(len(photos)))
     u8 = np.empty((len(photos) * (dg + dl), 1), np.uint8)
     f32 = np.empty(len(photos) * (dg + dl), np.float32)
     resize = _libffcv_jit()[1]
     for b, (key, img) in enumerate(zip(keys, photos)):
-        ops.render_views(img, key, b, len(photos), np.uint64(1), sv, np.empty(0, np.float32), u8, resize)
-        ops.render_views(img, key, b, len(photos), np.uint64(1), sv, f32, np.empty((0, 1), np.uint8), resize)
+        ops.render_views(img, key, b, len(photos), np.uint64(1), table, np.empty(0, np.float32), u8, resize)
+        ops.render_views(img, key, b, len(photos), np.uint64(1), table, f32, np.empty((0, 1), np.uint8), resize)
     from pipelines.ffcv_backend import split_views
 
     g8, l8 = split_views(torch.from_numpy(u8), len(photos), spec)
     gf, lf = split_views(torch.from_numpy(f32), len(photos), spec)
     heights = np.array([p.shape[0] for p in photos])
     widths = np.array([p.shape[1] for p in photos])
-    params = torch.from_numpy(ops.batch_view_params(np.uint64(1), keys, heights, widths, sv))
-    assert params[..., ops.P_GRAY].any() and params[..., ops.P_BLUR].any() and params[..., ops.P_SOLAR].any()
-    g = augment_views(g8, params[:, :2], spec, spec.global_size)
-    loc = augment_views(l8, params[:, 2:], spec, spec.local_size)
+    drawn = torch.from_numpy(params.draw_batch(np.uint64(1), keys, heights, widths, table))
+    assert drawn[..., params.P_GRAY].any() and drawn[..., params.P_BLUR].any() and drawn[..., params.P_SOLAR].any()
+    g = augment_views(g8, drawn[:, :2], spec, spec.global_size)
+    loc = augment_views(l8, drawn[:, 2:], spec, spec.local_size)
     diff = torch.cat([(g - gf).abs().flatten(), (loc - lf).abs().flatten()])
     # Equal to float rounding, except where a value sits within rounding of the solarize threshold and
     # the two sides decide differently: that jump is |1 - 2 * 128/255| / std < 0.02.

@@ -18,6 +18,10 @@ from torchvision.transforms.v2 import functional as F
 
 import pipelines
 from pipelines import SPEC_PRESETS, MultiCropSpec, build_loader
+from pipelines.params import (
+    NUM_PARAMS, P_BRIGHT, P_CONTRAST, P_FLIP, P_H, P_HUE, P_JITTER, P_SAT, P_SIGMA, P_SOLAR, P_W, P_X, P_Y,
+    sample_views,
+)
 from pipelines.sources import check_encoded, decode_rgb, epoch_batches, open_source
 
 torch.set_num_threads(1)  # several OpenMP threads on 2 busy cores slow small convs down 40x
@@ -130,10 +134,9 @@ def detect(op: str, x: torch.Tensor, ref: torch.Tensor, spec: MultiCropSpec) -> 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_op_rates(backend, imagenette):
-    # torchvision draws all views of a sample from one RNG stream; ops that draw parameters only when
-    # applied (jitter, blur) would shift the next view's crop, so its base has a single view.
-    base = RATE_BASE if backend == "dali" else RATE_BASE.replace(global_views=1, local_views=0)
-    n_samples = 48 if backend == "dali" else 256
+    # Every draw is made whatever the probabilities (pipelines/params.py), so the same view with the op
+    # off has the same crop and the same other choices.
+    base, n_samples = RATE_BASE, 48
     src = imagenette / "val"
     ref = all_views(first(loader(src, base, backend, batch_size=n_samples)), base)
     failures = []
@@ -149,18 +152,15 @@ def test_random_op_rates(backend, imagenette):
 
 
 # ------------------------------------------------------------------------------------------------
-# Crop geometry and DALI's agreement with torchvision's maths
+# The shared sampler (pipelines/params.py), the reference's rendering, DALI's agreement with torchvision's maths
 
 
-@dali_only
-def test_dali_crops_respect_scale_and_ratio():
-    """DALI's crop windows (torchvision's RandomResizedCrop sampling, vectorised) on a 160x213 image."""
-    from pipelines.dali_backend import draw_params
-
+def test_sampler_crops_respect_scale_and_ratio():
+    """The crop windows every backend uses (torchvision's RandomResizedCrop sampling) on a 160x213 image."""
     n = 3000
-    params = draw_params(SMALL, 0, 0, np.arange(n), [160] * n, [213] * n)
-    for p, scale in ((params[0], SMALL.global_scale), (params[-1], SMALL.local_scale)):
-        (y, x), (h, w) = p["start"].T, p["shape"].T
+    params = sample_views(SMALL, 0, 0, np.arange(n), [160] * n, [213] * n)
+    for p, scale in ((params[:, 0], SMALL.global_scale), (params[:, -1], SMALL.local_scale)):
+        y, x, h, w = p[:, P_Y], p[:, P_X], p[:, P_H], p[:, P_W]
         assert (y >= 0).all() and (y + h <= 160).all() and (x >= 0).all() and (x + w <= 213).all()
         areas, ratios = h * w / (160 * 213), w / h
         # integer rounding of h and w moves area and ratio by at most a pixel's worth
@@ -176,24 +176,64 @@ def test_dali_crops_respect_scale_and_ratio():
             se = math.sqrt(ours.var() / n + ref.var() / n)
             assert abs(ours.mean() - ref.mean()) < 4 * se
     # a sample's choices depend on (seed, epoch, index) only, not on the batch it is drawn in
-    again = draw_params(SMALL, 0, 0, np.arange(n)[::-1][:5], [160] * 5, [213] * 5)
-    assert np.array_equal(again[0]["start"], params[0]["start"][::-1][:5])
-    other_epoch = draw_params(SMALL, 0, 1, np.arange(n), [160] * n, [213] * n)
-    assert not np.array_equal(other_epoch[0]["start"], params[0]["start"])
+    again = sample_views(SMALL, 0, 0, np.arange(n)[::-1][:5], [160] * 5, [213] * 5)
+    assert np.array_equal(again, params[::-1][:5])
+    other_epoch = sample_views(SMALL, 0, 1, np.arange(n), [160] * n, [213] * n)
+    assert not np.array_equal(other_epoch[:, 0, :4], params[:, 0, :4])
 
 
-def test_torchvision_transform_uses_spec():
-    from pipelines.torchvision_backend import view_transform
+def test_sampler_draws_every_choice_whatever_the_probabilities():
+    """Switching one op off changes its own coin only: every other column stays bit-equal."""
+    spec = SPEC_PRESETS["seed"]
+    idx, h, w = np.arange(200), np.full(200, 160), np.full(200, 213)
+    base = sample_views(spec, 5, 2, idx, h, w)
+    assert base.shape == (200, spec.num_views, NUM_PARAMS)
+    for change, column in ((dict(flip_p=0.0), P_FLIP), (dict(jitter_p=0.0), P_JITTER)):
+        other = sample_views(spec.replace(**change), 5, 2, idx, h, w)
+        assert base[..., column].any() and not other[..., column].any()
+        keep = [k for k in range(NUM_PARAMS) if k != column]
+        assert np.array_equal(base[..., keep], other[..., keep])
+    off = spec.replace(solarize_threshold=256)  # nothing reaches 256: solarize is off
+    assert "solarize" not in off.enabled_ops and base[..., P_SOLAR].any()
+    assert not sample_views(off, 5, 2, idx, h, w)[..., P_SOLAR].any()
 
-    t = view_transform(SMALL, SMALL.local_size, SMALL.local_scale)
-    crop = t.transforms[0]
-    assert list(crop.size) == [SMALL.local_size] * 2 and crop.scale == SMALL.local_scale and crop.ratio == SMALL.ratio
+
+def test_torchvision_reference_is_torchvision_transforms(imagenette):
+    """`render_view` with a parameter row = torchvision's own transform classes with those choices forced
+    (p = 1 or 0, one-point ranges of float32-exact values; ColorJitter's order is its first draw,
+    randperm(4), under a seed, which the row copies)."""
+    from torchvision.transforms import v2
+
+    from pipelines.params import P_BLUR, P_GRAY, P_ORDER
+    from pipelines.sources import decode_pil
+    from pipelines.torchvision_backend import render_view
+
+    image = decode_pil(sorted((imagenette / "val").glob("*/*.jpg"))[3].read_bytes())
+    spec, view = SMALL, SMALL.views[0]
+    for seed in range(4):
+        torch.manual_seed(seed)
+        order = torch.randperm(4)
+        p = np.zeros(NUM_PARAMS)
+        p[[P_Y, P_X, P_H, P_W]] = 10, 20, 90, 120
+        p[[P_FLIP, P_JITTER, P_GRAY, P_BLUR, P_SOLAR]] = 1, 1, seed % 2, 1, seed < 2
+        p[[P_BRIGHT, P_CONTRAST, P_SAT, P_HUE, P_SIGMA]] = 1.25, 0.75, 1.125, -0.0625, 1.5
+        p[P_ORDER:P_ORDER + 4] = order.numpy()
+        ours = render_view(image, p, view, spec)
+        b, c, s, h = p[[P_BRIGHT, P_CONTRAST, P_SAT, P_HUE]]
+        expected = v2.Compose([
+            v2.ColorJitter((b, b), (c, c), (s, s), (h, h)),
+            v2.RandomGrayscale(1.0 if p[P_GRAY] else 0.0),
+            v2.GaussianBlur(view.blur_kernel, (1.5, 1.5)),
+            v2.RandomSolarize(spec.solarize_threshold, 1.0 if p[P_SOLAR] else 0.0),
+            v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(spec.mean), list(spec.std)),
+        ])
+        crop = F.horizontal_flip(F.resized_crop(image, 10, 20, 90, 120, [view.size, view.size], antialias=True))
+        torch.manual_seed(seed)  # ColorJitter draws randperm(4) first: the same order as above
+        assert torch.equal(ours, expected(crop)), seed
 
 
 def dali_views_and_params(src, spec, batch_size=16, seed=0):
-    """First DALI batch as 0..255 views, plus the decoded sources and per-view parameters it used."""
-    from pipelines.dali_backend import draw_params
-
+    """First DALI batch as 0..255 views, plus the decoded sources and the per-view parameters it used."""
     b = first(loader(src, spec, "dali", batch_size=batch_size, seed=seed))
     source = open_source(src)
     idx = epoch_batches(len(source), batch_size, 0, 1, seed, 0)[0]
@@ -202,16 +242,14 @@ def dali_views_and_params(src, spec, batch_size=16, seed=0):
         data = source.read(int(i))
         hw.append(check_encoded(data)[1:])
         images.append(torch.from_numpy(decode_rgb(data)).permute(2, 0, 1).float())
-    per_view = draw_params(spec, seed, 0, idx, *zip(*hw))
-    params = [[{k: a[k][j] for k in a} for a in per_view] for j in range(batch_size)]
+    params = sample_views(spec, seed, 0, idx, *zip(*hw))
     views = [list(pixels(b.global_views[k], spec)) + list(pixels(b.local_views[k], spec)) for k in range(batch_size)]
     return views, images, params
 
 
 def tv_crop(image, p, size):
-    (y, x), (h, w) = p["start"].astype(int), p["shape"].astype(int)
-    v = F.resized_crop(image, int(y), int(x), int(h), int(w), [size, size], antialias=True)
-    return v.flip(-1) if p["flip"] else v
+    v = F.resized_crop(image, int(p[P_Y]), int(p[P_X]), int(p[P_H]), int(p[P_W]), [size, size], antialias=True)
+    return v.flip(-1) if p[P_FLIP] else v
 
 
 @dali_only
@@ -219,10 +257,9 @@ def test_dali_crop_flip_normalise_match_torchvision(imagenette):
     """DALI's crop window, resize, flip and normalisation = torchvision's resized_crop of the same window."""
     spec = SMALL.without_randomness().replace(flip_p=0.5)
     views, images, params = dali_views_and_params(imagenette / "val", spec)
-    sizes = [spec.global_size] * spec.global_views + [spec.local_size] * spec.local_views
     for v_s, img, ps in zip(views, images, params):
-        for v, p, size in zip(v_s, ps, sizes):
-            diff = (v - tv_crop(img, p, size)).abs()
+        for v, p, view in zip(v_s, ps, spec.views):
+            diff = (v - tv_crop(img, p, view.size)).abs()
             assert diff.mean() < 2.0 and diff.max() < 40  # linear vs bilinear-antialias resampling only
 
 
@@ -233,15 +270,14 @@ def test_dali_colour_maths_bounded_against_torchvision(imagenette):
     functional ops applied with the same factors, and check greyscale is torchvision's luma."""
     spec = SMALL.without_randomness().replace(jitter_p=1.0)
     views, images, params = dali_views_and_params(imagenette / "val", spec)
-    sizes = [spec.global_size] * spec.global_views + [spec.local_size] * spec.local_views
     errs = []
     for v_s, img, ps in zip(views, images, params):
-        for v, p, size in zip(v_s, ps, sizes):
-            t = tv_crop(img, p, size).round().to(torch.uint8)
-            t = F.adjust_brightness(t, float(p["brightness"]))
-            t = F.adjust_contrast(t, float(p["contrast"]))
-            t = F.adjust_saturation(t, float(p["saturation"]))
-            t = F.adjust_hue(t, float(p["hue"]) / 360.0)
+        for v, p, view in zip(v_s, ps, spec.views):
+            t = tv_crop(img, p, view.size).round().to(torch.uint8)
+            t = F.adjust_brightness(t, float(p[P_BRIGHT]))
+            t = F.adjust_contrast(t, float(p[P_CONTRAST]))
+            t = F.adjust_saturation(t, float(p[P_SAT]))
+            t = F.adjust_hue(t, float(p[P_HUE]))
             errs.append((v - t.float()).abs().mean().item())
     errs = np.array(errs) / 255
     q50, q95, top = np.quantile(errs, [0.5, 0.95, 1.0])
@@ -252,8 +288,8 @@ def test_dali_colour_maths_bounded_against_torchvision(imagenette):
     spec = SMALL.without_randomness().replace(grayscale_p=1.0)
     views, images, params = dali_views_and_params(imagenette / "val", spec, batch_size=8)
     for v_s, img, ps in zip(views, images, params):
-        for v, p, size in zip(v_s, ps, sizes):
-            grey = F.rgb_to_grayscale(tv_crop(img, p, size), num_output_channels=3)
+        for v, p, view in zip(v_s, ps, spec.views):
+            grey = F.rgb_to_grayscale(tv_crop(img, p, view.size), num_output_channels=3)
             assert (v - grey).abs().mean() < 2.0
 
 
@@ -261,11 +297,10 @@ def test_dali_colour_maths_bounded_against_torchvision(imagenette):
 def test_dali_blur_matches_torchvision(imagenette):
     spec = SMALL.without_randomness().replace(blur_p=1.0)
     views, images, params = dali_views_and_params(imagenette / "val", spec, batch_size=8)
-    sizes = [spec.global_size] * spec.global_views + [spec.local_size] * spec.local_views
     for v_s, img, ps in zip(views, images, params):
-        for v, p, size in zip(v_s, ps, sizes):
-            t = tv_crop(img, p, size).round().clamp(0, 255).to(torch.uint8)
-            t = F.gaussian_blur(t, [spec.blur_kernel(size)] * 2, [float(p["sigma_view"])] * 2).float()
+        for v, p, view in zip(v_s, ps, spec.views):
+            t = tv_crop(img, p, view.size).round().clamp(0, 255).to(torch.uint8)
+            t = F.gaussian_blur(t, [view.blur_kernel] * 2, [float(p[P_SIGMA])] * 2).float()
             assert (v - t).abs().mean() < 2.0
 
 
@@ -419,6 +454,24 @@ def test_source_errors_name_the_input(tmp_path):
         build_loader(tmp_path, SMALL, backend="nope")
 
 
+def test_backend_choice_is_explained(tmp_path):
+    """`auto` picks FFCV for a .beton, DALI when installed (GPU decode on CUDA, its CPU graph otherwise),
+    else the reference; `describe_backend` says which and why, for the run plan."""
+    from pipelines import describe_backend, resolve_backend
+
+    folder = "auto -> dali" if pipelines.available("dali") else "auto -> torchvision (DALI not installed"
+    assert describe_backend("auto", tmp_path, "cpu").startswith(folder)
+    if pipelines.available("dali"):
+        assert resolve_backend("auto", tmp_path, "cuda") == "dali"
+        assert "CUDA device: mixed nvJPEG decode" in describe_backend("auto", tmp_path, "cuda")
+        assert "no CUDA device: DALI's CPU graph" in describe_backend("auto", tmp_path, "cpu")
+    if pipelines.available("ffcv"):
+        assert describe_backend("auto", tmp_path / "x.beton", "cpu").startswith("auto -> ffcv (.beton source")
+    assert describe_backend("torchvision", tmp_path, "cpu").startswith("torchvision -> torchvision (requested")
+    with pytest.raises(ValueError, match=r"'torchvision' cannot read the FFCV file .*x\.beton"):
+        resolve_backend("torchvision", tmp_path / "x.beton", "cpu")
+
+
 @pytest.mark.parametrize("change, field", [
     (dict(global_scale=(0.0, 1.0)), "global_scale"), (dict(local_scale=(0.1, 1.5)), "local_scale"),
     (dict(blur_p=1.5), "blur_p"), (dict(flip_p=-0.1), "flip_p"), (dict(local_size=4), "local_size"),
@@ -456,11 +509,11 @@ def test_webdataset_shards(backend, small_folder, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
-# Inspection
+# Preview
 
 
-def test_inspect_writes_view_grid(small_folder, tmp_path):
-    from pipelines.inspect import main, view_grid
+def test_preview_writes_view_grid(small_folder, tmp_path):
+    from pipelines.preview import main, view_grid
 
     b = first(loader(small_folder, SMALL, "torchvision", batch_size=4))
     grid = view_grid(b, SMALL, index=1)

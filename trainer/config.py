@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.images import IMAGE_EXTS
 from models.registry import ARCHS, is_vit
 from pipelines import BACKENDS
 from pipelines.spec import SPEC_PRESETS, MultiCropSpec
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 # Presets fill every field the user did not set on the command line.
 #

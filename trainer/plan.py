@@ -87,21 +87,7 @@ def describe_source(data: str | None) -> dict:
 
 def describe_backend(backend: str, data: str | None, device: torch.device) -> str:
     """'auto -> dali (why)': the backend the loader will use on `device`, and why."""
-    source = data or ""
-    if hasattr(pipelines, "describe_backend"):
-        return pipelines.describe_backend(backend, source, device)
-    # TODO(merge): use pipelines.describe_backend (being added on the pipelines branch); drop this fallback.
-    chosen = pipelines.resolve_backend(backend, source, device)
-    if backend != "auto":
-        why = "requested with --backend"
-    elif chosen == "ffcv":
-        why = "the data is an FFCV .beton"
-    elif chosen == "dali":
-        why = ("CUDA present: mixed nvJPEG decode, views made on the GPU" if device.type == "cuda"
-               else "no CUDA: DALI's CPU graph")
-    else:
-        why = "DALI is not installed: the torchvision reference"
-    return f"{backend} -> {chosen} ({why})"
+    return pipelines.describe_backend(backend, data or "", device)
 
 
 # ------------------------------------------------------------------------------------------- the plan

@@ -36,16 +36,16 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
+from common.io import atomic_open
 from losses import SIGReg, lejepa_loss
 from models import build_encoder
 from models.batchnorm import globalise_batchnorm
-from models.checkpoint import atomic_open
 from pipelines import Batch, build_loader
-from pipelines.inspect import view_grid as pipeline_view_grid
+from pipelines.preview import view_grid as pipeline_view_grid
 from trainer.checkpointing import Checkpointer, Progress, code_version, find_resume_checkpoint, restore
 from trainer.config import TrainConfig, resumed_config, validate_config, warmup_steps
-from trainer.schedule import CALIBRATION_STEPS, Schedule, TimeBudget
 from trainer.plan import build_plan, format_plan
+from trainer.schedule import CALIBRATION_STEPS, Schedule, TimeBudget
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # SLURM's warning signals (--signal=USR1@90, scancel/preempt)
 

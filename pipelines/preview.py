@@ -1,6 +1,6 @@
 """Look at what a pipeline produces: a grid of one image's views, de-normalised.
 
-    python -m pipelines.inspect --data DIR --backend dali --out views.png [--preset seed] [--index 0]
+    python -m pipelines.preview --data DIR --backend dali --out views.png [--preset seed] [--index 0]
 
 `view_grid(batch, spec, index)` returns the same grid as a [3, H, W] float tensor in [0, 1], which the
 trainer logs to TensorBoard (`SummaryWriter.add_image`).
@@ -9,13 +9,12 @@ trainer logs to TensorBoard (`SummaryWriter.add_image`).
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from common.io import atomic_open
 from pipelines.batch import Batch
 from pipelines.spec import SPEC_PRESETS, MultiCropSpec
 
@@ -44,19 +43,9 @@ def save_png(grid: torch.Tensor, out: str | Path) -> None:
     """Write a [3, H, W] float grid as PNG atomically (temp + fsync + rename)."""
     from PIL import Image
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     arr = (grid.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0).numpy()
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_open(out) as f:
+        Image.fromarray(arr).save(f, format="PNG")
 
 
 def main(argv: list[str] | None = None) -> Path:
