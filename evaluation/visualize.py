@@ -23,7 +23,7 @@ from PIL import Image
 from torch import Tensor
 
 from evaluation.features import FeatureModel, default_device
-from evaluation.kshot import add_model_args, build_models, positive_int
+from evaluation.cli import add_model_args, build_models, positive_int
 from models.checkpoint import atomic_open
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}

@@ -16,11 +16,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation import knn, kshot, visualize
-from evaluation.features import TimmFeatures, cached_features, from_checkpoint, from_timm, random_init
+from evaluation import cli, knn, kshot, visualize
+from evaluation.features import cached_features, from_checkpoint, from_timm, random_init
 from evaluation.kshot import holdout_split, sample_shots
 from evaluation.transfer_datasets import DatasetError, load_dataset, parse_dataset_arg
-from models import build_encoder
+from models import FrozenFeatures, build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 # A ViT-tiny/8 at 32 px (16 patches): the real probe path (CLS of the last two blocks + LayerNorm), cheap.
@@ -284,26 +284,34 @@ def test_presets_match_the_trainer():
     from pipelines.spec import SPEC_PRESETS
     from trainer.config import PRESETS
 
-    for name, (size, patch) in kshot.PRESET_INPUT.items():
+    for name, (size, patch) in cli.PRESET_INPUT.items():
         assert size == SPEC_PRESETS[name].global_size and patch == PRESETS[name]["patch_size"]
 
 
 # ----------------------------------------------------------------------------------------------- timm
 def test_timm_models_share_the_encoder_probe(tmp_path):
+    """A timm ViT built by timm itself (not through our registry) and given the encoder's weights yields the
+    encoder's probe and patch features: one probe function for both."""
+    import timm
+
     torch.manual_seed(0)
     encoder = build_encoder("vit_t", patch_size=8, img_size=32).eval()
+    net = timm.create_model("vit_tiny_patch16_224", num_classes=0, patch_size=8, img_size=32,
+                            dynamic_img_size=True, dynamic_img_pad=True)
+    net.load_state_dict(encoder.backbone.state_dict())
     x = torch.randn(4, 3, 32, 32)
     with torch.inference_mode():
-        assert torch.equal(TimmFeatures(encoder.backbone).probe_features(x), encoder.probe_features(x))
-        assert torch.equal(TimmFeatures(encoder.backbone).patch_features(x), encoder.patch_features(x))
+        torch.testing.assert_close(FrozenFeatures(net.eval()).probe_features(x), encoder.probe_features(x),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(FrozenFeatures(net).patch_features(x), encoder.patch_features(x), rtol=0, atol=0)
     # local weights only: a timm name + a weights file loads those exact weights (no download)
-    net = from_timm("resnet18", image_size=32).module.model
+    net = from_timm("resnet18", image_size=32).module.backbone
     torch.save(net.state_dict(), tmp_path / "w.pth")
     for p in net.parameters():
         torch.nn.init.normal_(p)
     torch.save(net.state_dict(), tmp_path / "w2.pth")
     loaded = from_timm("resnet18", weights=tmp_path / "w2.pth", image_size=32)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.module.model.state_dict().values(), net.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.module.backbone.state_dict().values(), net.state_dict().values()))
     assert loaded.module.probe_features(torch.randn(2, 3, 32, 32)).shape == (2, 512)
 
 
