@@ -85,7 +85,8 @@ def _load_file(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, disallowed pickle content
-        raise ValueError(f"checkpoint {path} is truncated or corrupt: {type(e).__name__}: {e}") from e
+        raise ValueError(f"checkpoint {path} is truncated or corrupt, or holds objects that "
+                         f"torch.load(weights_only=True) refuses: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"checkpoint {path} is not a {FORMAT} file (format: {got!r})")
