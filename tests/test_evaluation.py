@@ -20,7 +20,7 @@ from PIL import Image
 from evaluation import cli, knn, kshot, visualize, watch
 from evaluation.features import cached_features, from_checkpoint, from_timm, random_init
 from evaluation.kshot import holdout_split, sample_shots
-from evaluation.transfer_datasets import DatasetError, load_dataset, parse_dataset_arg
+from evaluation.transfer_datasets import DatasetError, cap_per_class, load_dataset, parse_dataset_arg
 from models import FrozenFeatures, build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -386,7 +386,7 @@ def test_pretrained_checkpoint_beats_random_init(trained_run, dtd_torchvision_ro
     for label, text in data.items():
         arg = parse_dataset_arg(text)
         train, test = load_dataset(arg)
-        train = kshot.cap_per_class(train, 80)
+        train = cap_per_class(train, 80)
         key = {"name": arg.name, "root": str(arg.root.resolve()), "max_train_per_class": 80, "max_test_per_class": None}
         for model in (from_checkpoint(trained_run), random_init("resnet18", 32)):
             x_train, x_test = (cached_features(model, key, name, split, tmp_path)  # cache hits from the CLI run
