@@ -19,7 +19,8 @@ one last pass). A checkpoint that keep-K rotation deletes before it is read is s
 
 Features are not cached by default (each checkpoint is read once; results.json is what a re-run reuses);
 `--cache-dir DIR` caches them as kshot.py does. On a GPU machine the watcher runs on `--device` (default
-cuda when present): give it a device the training leaves room on.
+cuda when present): give it a device the training leaves room on; beside a CPU training, `--threads 1`.
+The trainer's `save_checkpoint(..., keep_every=N)` spares the checkpoints a watcher needs from rotation.
 """
 
 from __future__ import annotations
@@ -204,7 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=positive_int, default=128)
     parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--threads", type=positive_int, help="torch CPU threads (beside a CPU training, e.g. 1)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         summary = watch(args.run, args.every, args.eval_data, args.follow, args.poll, args.probe,
                         torch.device(args.device) if args.device else None, args.cache_dir or None,

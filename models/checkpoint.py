@@ -60,8 +60,10 @@ def atomic_open(path: str | Path, mode: str = "wb"):
         raise
 
 
-def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3) -> Path:
-    """Write `state` atomically (temp file in the same dir + fsync + rename) and keep the last `keep` files.
+def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3, keep_every: int | None = None) -> Path:
+    """Write `state` atomically (temp file in the same dir + fsync + rename) and keep the last `keep` files,
+    plus every file whose step is a multiple of `keep_every` (the checkpoints evaluation/watch.py reads, so a
+    watcher that runs late, e.g. a SLURM job after the training, still finds them).
 
     A crash mid-write leaves at most a stray temp file, never a half-written `checkpoint_*.pt`.
     """
@@ -77,7 +79,8 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3) 
         os.close(dir_fd)
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+            if not (keep_every and int(_NAME.match(old.name).group(1)) % keep_every == 0):
+                old.unlink(missing_ok=True)
     return final
 
 

@@ -140,6 +140,14 @@ def test_checkpoint_roundtrip_keep_last_k_and_truncated_fallback(tmp_path):
         torch.testing.assert_close(restored.probe_features(x), enc.eval().probe_features(x))
 
 
+def test_checkpoint_rotation_spares_multiples_of_keep_every(tmp_path):
+    state = {"config": _config(), "model": {}}
+    for step in range(1, 11):
+        save_checkpoint(state, tmp_path, step, keep=2, keep_every=4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint_000004.pt", "checkpoint_000008.pt", "checkpoint_000009.pt", "checkpoint_000010.pt"]
+
+
 def test_checkpoint_errors_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
