@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import append_rows, emit  # noqa: E402
 from evaluation.features import default_device, extract  # noqa: E402
 from evaluation.knn import knn_classifier  # noqa: E402
-from evaluation.kshot import Features, add_common_args, evaluate_shots, linear_probe, setup  # noqa: E402
+from evaluation.cli import add_common_args, setup  # noqa: E402
+from evaluation.kshot import Features, evaluate_shots, linear_probe  # noqa: E402
 
 
 def median_time(fn, repeats: int) -> tuple[float, object]:

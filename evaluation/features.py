@@ -1,5 +1,6 @@
-"""Frozen feature extractors (a LeJEPA checkpoint, the same arch at random init, or a timm model) and the
-on-disk feature cache that k-shot probing and kNN share.
+"""Frozen feature extractors (a LeJEPA checkpoint or its export, the same arch at random init, or a timm
+model) and the on-disk feature cache that k-shot probing and kNN share. Every one reads its features with
+`models.probe` (the `--probe` choice), so a run, its export and a timm model are probed alike.
 
 Features are extracted once per (model weights, dataset split, input size) and cached as
 `CACHE/<dataset>-<split>-<key>.pt`; the key hashes the model's weights themselves, so a retrained
@@ -16,8 +17,7 @@ from pathlib import Path
 import numpy as np
 import timm
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from tqdm import tqdm
@@ -25,8 +25,9 @@ from tqdm import tqdm
 from common.images import IMAGENET_MEAN, IMAGENET_STD  # what the LeJEPA presets normalise with
 from common.io import atomic_open
 from models import build_encoder, check_arch, encoder_from_checkpoint, load_checkpoint
+from models.export import CROP_PCT, is_export, load_export
+from models.probe import DEFAULT_PROBE, FrozenFeatures
 
-CROP_PCT = 0.875  # resize the short side to size / 0.875, then centre-crop `size` (the usual 256 -> 224)
 CACHE_FORMAT = "lejepa-features/1"
 
 
@@ -36,10 +37,12 @@ def default_device() -> torch.device:
 
 @dataclass
 class FeatureModel:
-    """A frozen network with `probe_features(x) -> [B, D]` and `patch_features(x) -> [B, h, w, C]`."""
+    """A frozen network with `probe_features(x) -> [B, D]` and `patch_features(x) -> [B, h, w, C]` (a
+    `models.probe.FrozenFeatures`) and its input recipe: resize the short side to size / crop_pct
+    (bilinear), centre-crop `size`, normalise."""
 
     name: str  # row label in tables ("vit_t LeJEPA step 300", "vit_t random init", "timm:resnet50")
-    module: nn.Module
+    module: FrozenFeatures
     image_size: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -52,8 +55,8 @@ class FeatureModel:
         """Hash of the weights and input recipe (computed once): the model half of the cache key."""
         if self._identity is None:
             h = hashlib.sha1()
-            h.update(json.dumps([type(self.module).__name__, self.image_size, self.mean, self.std,
-                                 self.crop_pct]).encode())
+            h.update(json.dumps([type(self.module).__name__, self.module.probe, self.image_size, self.mean,
+                                 self.std, self.crop_pct]).encode())
             for name, t in sorted(self.module.state_dict().items()):
                 t = t.detach().cpu().contiguous()
                 h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
@@ -73,61 +76,64 @@ class FeatureModel:
         ])
 
 
-def from_checkpoint(path: str | Path, image_size: int | None = None) -> FeatureModel:
-    """Our checkpoint (a file or a run dir -> its latest valid file). Input size: the pretraining global
-    view size unless `image_size` overrides it. Errors (missing, not ours, truncated, unknown arch) come
-    from models.checkpoint as FileNotFoundError / ValueError."""
+def _label(name: str, probe: str) -> str:
+    return name if probe == DEFAULT_PROBE else f"{name} [probe {probe}]"
+
+
+def from_checkpoint(path: str | Path, image_size: int | None = None, probe: str = DEFAULT_PROBE) -> FeatureModel:
+    """Our checkpoint (a file or a run dir -> its latest valid file), or an export folder (models/export.py:
+    same backbone, same numbers). Input size: the pretraining global view size unless `image_size` overrides
+    it. Errors (missing, not ours, truncated, unknown arch) are FileNotFoundError / ValueError naming the path."""
+    if is_export(path):
+        return from_export(path, image_size, probe)
     ckpt = load_checkpoint(path)
     encoder, cfg = encoder_from_checkpoint(ckpt)
     spec = cfg["spec"]
     size = image_size or spec["global_size"]
     info = {"source": "checkpoint", "path": str(ckpt.get("path", path)), "arch": cfg["arch"],
             "patch_size": cfg.get("patch_size"), "step": ckpt["step"], "preset": cfg.get("preset"),
-            "pretrain_size": spec["global_size"], "image_size": size}
-    return FeatureModel(f"{cfg['arch']} LeJEPA step {ckpt['step']}", encoder, size, tuple(spec["mean"]),
+            "pretrain_size": spec["global_size"], "image_size": size, "probe": probe}
+    return FeatureModel(_label(f"{cfg['arch']} LeJEPA step {ckpt['step']}", probe),
+                        FrozenFeatures(encoder.backbone, probe, encoder.projector), size, tuple(spec["mean"]),
                         tuple(spec["std"]), info=info)
 
 
-def random_init(arch: str, image_size: int, patch_size: int | None = None, seed: int = 0) -> FeatureModel:
+def from_export(path: str | Path, image_size: int | None = None, probe: str = DEFAULT_PROBE) -> FeatureModel:
+    """An export folder, rebuilt by timm from its config.json; input recipe from its `pretrained_cfg`."""
+    if probe == "projector":
+        raise ValueError(f"--probe projector: export {path} holds the backbone only; use the run's checkpoint")
+    backbone, cfg = load_export(path)
+    meta, pcfg = cfg["lejepa"], cfg["pretrained_cfg"]
+    pretrain_size = pcfg["input_size"][-1]
+    size = image_size or pretrain_size
+    info = {"source": "export", "path": str(path), "arch": meta["arch"], "patch_size": meta.get("patch_size"),
+            "step": meta["step"], "preset": meta["config"].get("preset"), "pretrain_size": pretrain_size,
+            "image_size": size, "probe": probe}
+    return FeatureModel(_label(f"{meta['arch']} LeJEPA step {meta['step']}", probe), FrozenFeatures(backbone, probe),
+                        size, tuple(pcfg["mean"]), tuple(pcfg["std"]), crop_pct=pcfg.get("crop_pct", CROP_PCT),
+                        info=info)
+
+
+def random_init(arch: str, image_size: int, patch_size: int | None = None, seed: int = 0,
+                probe: str = DEFAULT_PROBE) -> FeatureModel:
     """The same Encoder at random init (seeded, so its features, and their cache, are reproducible)."""
     check_arch(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = build_encoder(arch, patch_size=patch_size, img_size=image_size).eval()
     info = {"source": "random-init", "arch": arch, "patch_size": patch_size, "init_seed": seed,
-            "image_size": image_size}
-    return FeatureModel(f"{arch} random init", encoder, image_size, info=info)
+            "image_size": image_size, "probe": probe}
+    return FeatureModel(_label(f"{arch} random init", probe), FrozenFeatures(encoder.backbone, probe, encoder.projector),
+                        image_size, info=info)
 
 
-class TimmFeatures(nn.Module):
-    """Any timm model behind the Encoder's feature API. ViT-like models with a CLS token use the same probe
-    as our ViTs (CLS of the last two blocks + LayerNorm); the rest use their pooled features."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.has_cls = hasattr(model, "get_intermediate_layers") and getattr(model, "num_prefix_tokens", 0) > 0
-
-    def probe_features(self, x: Tensor) -> Tensor:
-        if not self.has_cls:
-            return self.model(x)
-        layers = self.model.get_intermediate_layers(x, n=2, return_prefix_tokens=True, norm=False)
-        cls = torch.cat([prefix[:, 0] for _, prefix in layers], dim=-1)
-        return F.layer_norm(cls, (cls.shape[-1],))
-
-    def patch_features(self, x: Tensor) -> Tensor:
-        feats = self.model.forward_features(x)
-        if feats.ndim == 4:
-            return feats.permute(0, 2, 3, 1)
-        h, w = self.model.patch_embed.dynamic_feat_size(x.shape[-2:]) if getattr(
-            self.model, "dynamic_img_size", False) else self.model.patch_embed.grid_size
-        return feats[:, self.model.num_prefix_tokens:].reshape(x.shape[0], h, w, -1)
-
-
-def from_timm(name: str, weights: str | Path | None = None, image_size: int | None = None) -> FeatureModel:
+def from_timm(name: str, weights: str | Path | None = None, image_size: int | None = None,
+              probe: str = DEFAULT_PROBE) -> FeatureModel:
     """A timm model by name. Random init unless `weights` names a local file (never downloads)."""
     if name not in timm.list_models():
         raise ValueError(f"--timm {name!r} is not a timm model name (see timm.list_models())")
+    if probe == "projector":
+        raise ValueError("--probe projector needs a LeJEPA checkpoint (a timm model has no projector)")
     kwargs: dict = {"num_classes": 0}
     if weights is not None:
         weights = Path(weights)
@@ -139,9 +145,10 @@ def from_timm(name: str, weights: str | Path | None = None, image_size: int | No
         model = timm.create_model(name, **kwargs).eval()
     cfg = model.pretrained_cfg
     size = image_size or cfg.get("input_size", (3, 224, 224))[-1]
-    info = {"source": "timm", "timm": name, "weights": str(weights) if weights else None, "image_size": size}
+    info = {"source": "timm", "timm": name, "weights": str(weights) if weights else None, "image_size": size,
+            "probe": probe}
     label = f"timm:{name}" + ("" if weights else " random init")
-    return FeatureModel(label, TimmFeatures(model), size, tuple(cfg.get("mean", IMAGENET_MEAN)),
+    return FeatureModel(_label(label, probe), FrozenFeatures(model, probe), size, tuple(cfg.get("mean", IMAGENET_MEAN)),
                         tuple(cfg.get("std", IMAGENET_STD)), crop_pct=cfg.get("crop_pct", CROP_PCT), info=info)
 
 

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from evaluation.kshot import ProbeResult, add_common_args, plain_warnings, positive_int, report
+from evaluation.cli import add_common_args, plain_warnings, positive_int
+from evaluation.kshot import ProbeResult, report
 
 K = 20
 TEMPERATURE = 0.07

@@ -5,8 +5,9 @@
         --json kshot.json --markdown kshot.md
 
 Protocol (the seed's table, whose code upstream does not ship):
-- the backbone is frozen; probe features (ViT: CLS of the last two blocks + LayerNorm, else pooled) are
-  extracted once per dataset split at the pretraining global view size (resize + centre crop) and cached;
+- the backbone is frozen; probe features (`--probe`, models/probe.py; default: ViT CLS of the last two blocks
+  + LayerNorm, else pooled) are extracted once per dataset split at the pretraining global view size (resize +
+  centre crop) and cached;
 - for each seed, k images per class are drawn from the train pool (a class with fewer than k uses all of
   them, with a warning, and is recorded in the output); "all" uses the whole pool once (no sampling, so
   one seed);
@@ -24,9 +25,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import sys
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,19 +36,13 @@ from torch import Tensor
 from tqdm import tqdm
 
 from common.io import atomic_open
-from evaluation.features import FeatureModel, cached_features, default_device, from_checkpoint, from_timm, random_init
-from evaluation.transfer_datasets import DatasetArg, DatasetError, Split, cap_per_class, load_dataset, parse_dataset_arg
-from models import is_vit
+from evaluation.cli import Shots, add_common_args, plain_warnings, setup
+from evaluation.features import FeatureModel, cached_features, default_device
+from evaluation.transfer_datasets import DatasetArg, Split
 
 WEIGHT_DECAYS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 ONE_SHOT_WEIGHT_DECAY = 1e-1
 SMALL_PROBLEM = 2_000_000  # train features (N x D elements) below which a CPU probe runs on one thread
-# Input recipe of the trainer's presets (evaluation imports neither pipelines/ nor trainer/; a test checks
-# these against SPEC_PRESETS and trainer PRESETS): preset -> (global view size, ViT patch size).
-PRESET_INPUT = {"seed": (224, None), "cpu-small": (64, 8)}
-
-Shots = int | str  # a positive int or "all"
-
 
 # ---------------------------------------------------------------------------------------------- sampling
 def sample_shots(labels: np.ndarray, shots: Shots, seed: int) -> tuple[np.ndarray, dict[int, int]]:
@@ -134,6 +126,9 @@ def linear_probe(train_x: Tensor, train_y: Tensor, test_x: Tensor, num_classes: 
 
 
 Classifier = Callable[[Tensor, Tensor, Tensor, int, int], ProbeResult]
+LINEAR_PROBE_NAME = (f"linear probe (L-BFGS logistic regression, weight decay from "
+                     f"{{{', '.join(f'{w:g}' for w in WEIGHT_DECAYS)}}} chosen on held-out shots; "
+                     f"1 shot: {ONE_SHOT_WEIGHT_DECAY:g})")
 
 
 # ------------------------------------------------------------------------------------------- evaluation
@@ -187,18 +182,6 @@ def evaluate_shots(feats: Features, shots: Shots, seeds: int, classifier: Classi
     }
 
 
-def warn_short_classes(label: str, train: Split, shots_list: list[Shots]) -> None:
-    counts = np.bincount(train.labels, minlength=len(train.classes))
-    present = counts[counts > 0]
-    for shots in shots_list:
-        if shots != "all" and shots > present.min():
-            n_short = int((present < shots).sum())
-            smallest = train.classes[int(np.flatnonzero(counts == present.min())[0])]
-            warnings.warn(f"dataset {label}: --shots {shots} is larger than {n_short} class(es) of the train "
-                          f"pool (smallest: {smallest!r} with {present.min()} images); those classes use all "
-                          f"their images (recorded in the output as short_classes)", stacklevel=2)
-
-
 # ---------------------------------------------------------------------------------------------- outputs
 def format_markdown(results: list[dict], notes: list[str] = ()) -> str:
     """Rows: shots x model; columns: datasets, then the average over datasets (as in the seed's table)."""
@@ -225,101 +208,16 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         f.write(text)
 
 
-# ------------------------------------------------------------------------------------------------- CLI
-def parse_shots(text: str) -> Shots:
-    if text == "all":
-        return "all"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shots {text!r}: expected a positive integer or 'all'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"--shots {text!r}: expected a positive integer or 'all'")
-    return value
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a positive integer")
-    return value
-
-
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    """Which network(s) to evaluate; shared by kshot.py, knn.py and visualize.py."""
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="LeJEPA run dir (latest valid checkpoint) or checkpoint file")
-    src.add_argument("--arch", help="evaluate this arch at random init (with --random-init)")
-    src.add_argument("--timm", metavar="MODEL_NAME", help="a timm model; random init unless --timm-weights")
-    parser.add_argument("--random-init", action="store_true", help="required with --arch (makes intent explicit)")
-    parser.add_argument("--preset", choices=sorted(PRESET_INPUT), help="with --arch: input size and ViT patch "
-                        "size of this training preset")
-    parser.add_argument("--patch-size", type=positive_int, help="with --arch: ViT patch size")
-    parser.add_argument("--timm-weights", help="with --timm: a local weights file (nothing is downloaded)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="with --checkpoint: also evaluate the same arch / patch / input size at random init")
-    parser.add_argument("--image-size", type=positive_int, help="input size (default: pretraining global view size)")
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """The flags kshot.py and knn.py share (model, datasets, shots, outputs, extraction)."""
-    add_model_args(parser)
-    parser.add_argument("--datasets", nargs="+", required=True, metavar="NAME:ROOT",
-                        help="dtd, fgvcaircraft, stanfordcars, cifar10, cifar100, flowers102, food101, "
-                             "oxfordiiitpet (torchvision layouts, no download) or imagefolder:DIR")
-    parser.add_argument("--shots", nargs="+", type=parse_shots, default=[1, 10, "all"])
-    parser.add_argument("--seeds", type=positive_int, default=5, help="number of seeds (0..N-1) per shot count")
-    parser.add_argument("--json", help="write results as a JSON list here")
-    parser.add_argument("--markdown", help="write the markdown table here")
-    parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    parser.add_argument("--cache-dir", default=".cache/features", help="feature cache ('' disables it)")
-    parser.add_argument("--max-train-per-class", type=positive_int,
-                        help="cap the train pool (first N per class; recorded in the output)")
-    parser.add_argument("--max-test-per-class", type=positive_int,
-                        help="cap the test split (first N per class; recorded in the output)")
-    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-
-
-def build_models(args: argparse.Namespace) -> list[FeatureModel]:
-    if args.checkpoint:
-        model = from_checkpoint(args.checkpoint, args.image_size)
-        models = [model]
-        if args.baseline:
-            base = random_init(model.info["arch"], model.image_size, model.info["patch_size"])
-            models.append(base)
-        return models
-    if args.baseline:
-        raise ValueError("--baseline needs --checkpoint (it copies the checkpoint's arch and input size)")
-    if args.arch:
-        if not args.random_init:
-            raise ValueError("--arch evaluates a randomly initialised network: add --random-init "
-                             "(for trained weights use --checkpoint)")
-        size, patch = PRESET_INPUT.get(args.preset, (224, None))
-        patch = args.patch_size or (patch if is_vit(args.arch) else None)  # a preset's patch is a ViT setting
-        return [random_init(args.arch, args.image_size or size, patch)]
-    return [from_timm(args.timm, args.timm_weights, args.image_size)]
-
-
-def load_datasets(args: argparse.Namespace) -> list[tuple[DatasetArg, Split, Split]]:
-    out = []
-    for text in args.datasets:
-        arg = parse_dataset_arg(text)
-        train, test = load_dataset(arg)
-        train, test = cap_per_class(train, args.max_train_per_class), cap_per_class(test, args.max_test_per_class)
-        warn_short_classes(arg.label, train, args.shots)
-        out.append((arg, train, test))
-    return out
-
-
-def setup(args: argparse.Namespace) -> tuple[list[FeatureModel], list[tuple[DatasetArg, Split, Split]]]:
-    """Everything that can fail on bad input, before any feature is extracted: clear message, no traceback."""
-    try:
-        datasets = load_datasets(args)
-        models = build_models(args)
-    except (DatasetError, FileNotFoundError, ValueError) as err:
-        sys.exit(f"error: {err}")
-    return models, datasets
+# ------------------------------------------------------------------------------------------------- run
+def dataset_features(model: FeatureModel, arg: DatasetArg, train: Split, test: Split, cache_dir: str | Path | None,
+                     max_train_per_class: int | None = None, max_test_per_class: int | None = None,
+                     **extract_kw) -> Features:
+    """Train-pool and test features of one dataset (from the cache when it holds them)."""
+    key = {"name": arg.name, "root": str(arg.root.resolve()), "max_train_per_class": max_train_per_class,
+           "max_test_per_class": max_test_per_class}
+    cache = Path(cache_dir) if cache_dir else None
+    return Features(cached_features(model, key, "train", train, cache, **extract_kw), train.labels,
+                    cached_features(model, key, "test", test, cache, **extract_kw), test.labels, train.classes)
 
 
 def run(args: argparse.Namespace, classifier: Classifier, classifier_name: str) -> list[dict]:
@@ -328,12 +226,9 @@ def run(args: argparse.Namespace, classifier: Classifier, classifier_name: str) 
     results = []
     for model in models:
         for arg, train, test in datasets:
-            key = {"name": arg.name, "root": str(arg.root.resolve()), "max_train_per_class": args.max_train_per_class,
-                   "max_test_per_class": args.max_test_per_class}
-            kw = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=device)
-            cache = Path(args.cache_dir) if args.cache_dir else None
-            feats = Features(cached_features(model, key, "train", train, cache, **kw), train.labels,
-                             cached_features(model, key, "test", test, cache, **kw), test.labels, train.classes)
+            feats = dataset_features(model, arg, train, test, args.cache_dir, args.max_train_per_class,
+                                     args.max_test_per_class, batch_size=args.batch_size,
+                                     num_workers=args.num_workers, device=device)
             for shots in tqdm(args.shots, desc=f"{model.name} {arg.label} probes", leave=False):
                 r = evaluate_shots(feats, shots, args.seeds, classifier, device)
                 results.append({"dataset": arg.label, "model": model.name, **r, "classifier": classifier_name,
@@ -376,14 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     args = parser.parse_args(argv)
-    wds = ", ".join(f"{w:g}" for w in WEIGHT_DECAYS)
-    return report(args, linear_probe, f"linear probe (L-BFGS logistic regression, weight decay from {{{wds}}} "
-                  f"chosen on held-out shots; 1 shot: {ONE_SHOT_WEIGHT_DECAY:g})")
-
-
-def plain_warnings() -> None:
-    """Command-line warnings as one readable line (no source line, no category)."""
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    return report(args, linear_probe, LINEAR_PROBE_NAME)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from torch import Tensor
 from common.images import IMAGE_EXTS
 from common.io import atomic_open
 from evaluation.features import FeatureModel, default_device
-from evaluation.kshot import add_model_args, build_models, positive_int
+from evaluation.cli import add_model_args, build_models, positive_int
 
 
 def pca_rgb(patches: Tensor) -> Tensor:

@@ -38,8 +38,10 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3) -> Path:
-    """Write `state` atomically (temp file in the same dir + fsync + rename) and keep the last `keep` files.
+def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3, keep_every: int | None = None) -> Path:
+    """Write `state` atomically (temp file in the same dir + fsync + rename) and keep the last `keep` files,
+    plus every file whose step is a multiple of `keep_every` (the checkpoints evaluation/watch.py reads, so a
+    watcher that runs late, e.g. a SLURM job after the training, still finds them).
 
     A crash mid-write leaves at most a stray temp file, never a half-written `checkpoint_*.pt`.
     """
@@ -51,7 +53,8 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3) 
     fsync_dir(run_dir)  # make the rename itself durable
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
-            old.unlink(missing_ok=True)
+            if not (keep_every and int(_NAME.match(old.name).group(1)) % keep_every == 0):
+                old.unlink(missing_ok=True)
     return final
 
 
@@ -59,7 +62,8 @@ def _load_file(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, garbage bytes, disallowed pickle content
-        raise ValueError(f"checkpoint {path} is truncated or corrupt: {type(e).__name__}: {e}") from e
+        raise ValueError(f"checkpoint {path} is truncated or corrupt, or holds objects that "
+                         f"torch.load(weights_only=True) refuses: {type(e).__name__}: {e}") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         got = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"checkpoint {path} is not a {FORMAT} file (format: {got!r})")

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.batchnorm import GlobalBatchNorm1d
+from models.probe import DEFAULT_PROBE, patch_features, probe_features
 from models.registry import build_backbone, is_vit
 
 
@@ -65,27 +65,14 @@ class Encoder(nn.Module):
         global_emb = all_emb[:G] if self.is_vit else all_emb
         return EncoderOutput(global_emb, all_emb, features)
 
-    def probe_features(self, x: Tensor) -> Tensor:
-        """Frozen features for linear evaluation [B, probe_dim].
-
-        ViT: the CLS tokens of the last two blocks, concatenated, then LayerNorm without affine (the seed's
-        linear-probe recipe); other archs: the pooled backbone features.
-        """
-        if not self.is_vit:
-            return self.backbone(x)
-        layers = self.backbone.get_intermediate_layers(x, n=2, return_prefix_tokens=True, norm=False)
-        cls = torch.cat([prefix[:, 0] for _, prefix in layers], dim=-1)
-        return F.layer_norm(cls, (cls.shape[-1],))
+    def probe_features(self, x: Tensor, probe: str = DEFAULT_PROBE) -> Tensor:
+        """Frozen features for linear evaluation [B, D]; `probe` as in `models.probe` (default: ViT CLS of the
+        last two blocks + LayerNorm, the seed's recipe; other archs: pooled features)."""
+        return probe_features(self.backbone, x, probe, self.projector)
 
     def patch_features(self, x: Tensor) -> Tensor:
-        """Spatial features [B, h, w, C]: ViT patch tokens of the last block (after the final norm), or the
-        last feature map of a conv net."""
-        feats = self.backbone.forward_features(x)
-        if not self.is_vit:
-            return feats.permute(0, 2, 3, 1)
-        h, w = self.backbone.patch_embed.dynamic_feat_size(x.shape[-2:])
-        tokens = feats[:, self.backbone.num_prefix_tokens:]
-        return tokens.reshape(x.shape[0], h, w, -1)
+        """Spatial features [B, h, w, C] (ViT patch tokens after the final norm, or a conv net's last map)."""
+        return patch_features(self.backbone, x)
 
 
 def build_encoder(arch: str, proj_dim: int = 128, hidden_dim: int = 2048, patch_size: int | None = None,

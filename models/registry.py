@@ -33,11 +33,12 @@ def check_arch(arch: str) -> None:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
 
 
-def build_backbone(arch: str, patch_size: int | None = None, img_size: int = 224) -> nn.Module:
-    """A randomly initialised timm backbone returning pooled features (`num_classes=0`)."""
+def timm_args(arch: str, patch_size: int | None = None, img_size: int = 224) -> tuple[str, dict]:
+    """(timm model name, `create_model` kwargs) of a backbone: the one recipe that `build_backbone` and the
+    export's `config.json` (`architecture`, `model_args`) both use, so timm rebuilds exactly our network."""
     check_arch(arch)
     name, kwargs = ARCHS[arch]
-    kwargs = dict(kwargs, pretrained=False, num_classes=0)
+    kwargs = dict(kwargs)
     if is_vit(arch):
         # dynamic_img_size: the same ViT takes 224-px global and 98-px local views (pos-embed interpolated).
         # dynamic_img_pad: a view size that is not a multiple of the patch is padded instead of rejected.
@@ -46,4 +47,10 @@ def build_backbone(arch: str, patch_size: int | None = None, img_size: int = 224
             kwargs["patch_size"] = patch_size
     elif patch_size is not None:
         raise ValueError(f"patch_size={patch_size} only applies to ViT archs, not {arch!r}")
-    return timm.create_model(name, **kwargs)
+    return name, kwargs
+
+
+def build_backbone(arch: str, patch_size: int | None = None, img_size: int = 224) -> nn.Module:
+    """A randomly initialised timm backbone returning pooled features (`num_classes=0`)."""
+    name, kwargs = timm_args(arch, patch_size, img_size)
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,11 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from evaluation import knn, kshot, visualize
-from evaluation.features import TimmFeatures, cached_features, from_checkpoint, from_timm, random_init
+from evaluation import cli, knn, kshot, visualize, watch
+from evaluation.features import cached_features, from_checkpoint, from_timm, random_init
 from evaluation.kshot import holdout_split, sample_shots
-from evaluation.transfer_datasets import DatasetError, load_dataset, parse_dataset_arg
-from models import build_encoder
+from evaluation.transfer_datasets import DatasetError, cap_per_class, load_dataset, parse_dataset_arg
+from models import FrozenFeatures, build_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 # A ViT-tiny/8 at 32 px (16 patches): the real probe path (CLS of the last two blocks + LayerNorm), cheap.
@@ -284,26 +285,34 @@ def test_presets_match_the_trainer():
     from pipelines.spec import SPEC_PRESETS
     from trainer.config import PRESETS
 
-    for name, (size, patch) in kshot.PRESET_INPUT.items():
+    for name, (size, patch) in cli.PRESET_INPUT.items():
         assert size == SPEC_PRESETS[name].global_size and patch == PRESETS[name]["patch_size"]
 
 
 # ----------------------------------------------------------------------------------------------- timm
 def test_timm_models_share_the_encoder_probe(tmp_path):
+    """A timm ViT built by timm itself (not through our registry) and given the encoder's weights yields the
+    encoder's probe and patch features: one probe function for both."""
+    import timm
+
     torch.manual_seed(0)
     encoder = build_encoder("vit_t", patch_size=8, img_size=32).eval()
+    net = timm.create_model("vit_tiny_patch16_224", num_classes=0, patch_size=8, img_size=32,
+                            dynamic_img_size=True, dynamic_img_pad=True)
+    net.load_state_dict(encoder.backbone.state_dict())
     x = torch.randn(4, 3, 32, 32)
     with torch.inference_mode():
-        assert torch.equal(TimmFeatures(encoder.backbone).probe_features(x), encoder.probe_features(x))
-        assert torch.equal(TimmFeatures(encoder.backbone).patch_features(x), encoder.patch_features(x))
+        torch.testing.assert_close(FrozenFeatures(net.eval()).probe_features(x), encoder.probe_features(x),
+                                   rtol=0, atol=0)
+        torch.testing.assert_close(FrozenFeatures(net).patch_features(x), encoder.patch_features(x), rtol=0, atol=0)
     # local weights only: a timm name + a weights file loads those exact weights (no download)
-    net = from_timm("resnet18", image_size=32).module.model
+    net = from_timm("resnet18", image_size=32).module.backbone
     torch.save(net.state_dict(), tmp_path / "w.pth")
     for p in net.parameters():
         torch.nn.init.normal_(p)
     torch.save(net.state_dict(), tmp_path / "w2.pth")
     loaded = from_timm("resnet18", weights=tmp_path / "w2.pth", image_size=32)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.module.model.state_dict().values(), net.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.module.backbone.state_dict().values(), net.state_dict().values()))
     assert loaded.module.probe_features(torch.randn(2, 3, 32, 32)).shape == (2, 512)
 
 
@@ -377,7 +386,7 @@ def test_pretrained_checkpoint_beats_random_init(trained_run, dtd_torchvision_ro
     for label, text in data.items():
         arg = parse_dataset_arg(text)
         train, test = load_dataset(arg)
-        train = kshot.cap_per_class(train, 80)
+        train = cap_per_class(train, 80)
         key = {"name": arg.name, "root": str(arg.root.resolve()), "max_train_per_class": 80, "max_test_per_class": None}
         for model in (from_checkpoint(trained_run), random_init("resnet18", 32)):
             x_train, x_test = (cached_features(model, key, name, split, tmp_path)  # cache hits from the CLI run
@@ -412,3 +421,109 @@ def test_pca_map_of_a_checkpoint(trained_run, dtd10, tmp_path):
     assert png.shape == (2 * 68, 3 * 68, 3)  # rows: images; columns: input, pretrained, random init
     pretrained, random = png[2:66, 70:134], png[2:66, 138:202]
     assert not np.array_equal(pretrained, random)
+
+
+# ---------------------------------------------------------------------------------------- watch.py (k-shot during a run)
+def eval_scalars(run_dir: Path, tag: str) -> list[tuple[int, float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+@pytest.fixture(scope="module")
+def tiny_run(imagenette, tmp_path_factory) -> Path:
+    """A real 4-step ViT-tiny/8 run (the trainer tests' config) with a checkpoint at every step."""
+    from test_trainer import TINY
+    from trainer import TrainConfig, run
+
+    out = tmp_path_factory.mktemp("watch") / "run"
+    cfg = TrainConfig(**dict(TINY, data=str(imagenette / "train"), out=str(out), steps=4, ckpt_every=1, keep_ckpts=10))
+    assert run(cfg)["status"] == "done"
+    return out
+
+
+def test_watch_writes_every_nth_checkpoint_to_tensorboard_and_skips_done_steps(tiny_run, small_folder, tmp_path):
+    data = f"imagefolder:{small_folder}"
+    summary = watch.watch(tiny_run, every=3, eval_data=[data], num_workers=0)
+    assert summary == {"evaluated": [3, 4], "missed": [], "finished": True}  # multiples of 3 + the final step
+    rows = json.loads((tiny_run / "eval" / "results.json").read_text())
+    assert [(r["step"], r["dataset"], r["shots"]) for r in rows] == [(3, small_folder.name, "all"),
+                                                                    (4, small_folder.name, "all")]
+    tag = f"eval/{small_folder.name}/all"
+    assert eval_scalars(tiny_run, tag) == [(r["step"], pytest.approx(r["mean"], rel=1e-6)) for r in rows]
+    assert [s for s, _ in eval_scalars(tiny_run, "train/loss")] == [1, 2, 3, 4]  # the trainer's events still read
+    # the same numbers as kshot.py on that checkpoint
+    (expected,) = kshot.main(["--checkpoint", str(tiny_run / "checkpoint_000003.pt"), "--datasets", data,
+                              "--shots", "all", "--num-workers", "0", "--cache-dir", ""])
+    assert expected["mean"] == rows[0]["mean"] and expected["model"] == rows[0]["model"] == "vit_t LeJEPA step 3"
+    table = (tiny_run / "eval" / "kshot.md").read_text().splitlines()
+    assert table[0] == f"| step | {small_folder.name} |" and table[2] == f"| 3 | {rows[0]['mean']:.1f} |"
+    # re-run: nothing to do, no new event file; --every 2 then adds step 2 only
+    events = sorted((tiny_run / "tb").glob("*.eval"))
+    assert len(events) == 1
+    assert watch.watch(tiny_run, every=3, eval_data=[data], num_workers=0)["evaluated"] == []
+    assert sorted((tiny_run / "tb").glob("*.eval")) == events
+    assert watch.main(["--run", str(tiny_run), "--every", "2", "--eval-data", data, "--num-workers", "0"])[
+        "evaluated"] == [2]
+    assert sorted(s for s, _ in eval_scalars(tiny_run, tag)) == [2, 3, 4]  # TensorBoard orders by step
+
+
+def test_watch_bad_input_is_a_clear_error(tiny_run, tmp_path, small_folder):
+    def fails(*argv) -> str:
+        with pytest.raises(SystemExit) as exc:
+            watch.main(list(argv))
+        return str(exc.value.code)
+
+    assert f"--run {tmp_path / 'nope'} does not exist" in fails("--run", str(tmp_path / "nope"), "--every", "1",
+                                                                "--eval-data", f"imagefolder:{small_folder}")
+    assert "root folder does not exist" in fails("--run", str(tiny_run), "--every", "1", "--eval-data",
+                                                 f"imagefolder:{tmp_path / 'x'}")
+    assert "share a name" in fails("--run", str(tiny_run), "--every", "1", "--eval-data",
+                                   f"imagefolder:{small_folder}", f"imagefolder:{small_folder}")
+    with watch.exclusive(tiny_run / "eval" / ".watch.lock"):
+        assert "another watcher" in fails("--run", str(tiny_run), "--every", "1", "--eval-data",
+                                          f"imagefolder:{small_folder}")
+
+
+@pytest.mark.slow
+def test_watch_follows_a_live_run_through_keep_k_rotation(imagenette, small_folder, tmp_path):
+    """A watcher started before the run follows it while keep-1 rotation deletes every checkpoint one step
+    later: it never crashes, counts what it missed and stops after the final checkpoint."""
+    from test_trainer import TINY_FLAGS
+
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    watcher = subprocess.Popen([sys.executable, str(REPO / "evaluation" / "watch.py"), "--run", str(out), "--every",
+                                "1", "--eval-data", f"imagefolder:{small_folder}", "--follow", "--poll", "0.1",
+                                "--num-workers", "0"], env=env, cwd=REPO, stdout=subprocess.PIPE, text=True)
+    subprocess.run([sys.executable, str(REPO / "launchers" / "local.py"), *TINY_FLAGS, "--data",
+                    str(imagenette / "train"), "--out", str(out), "--steps", "8", "--ckpt-every", "1",
+                    "--keep-ckpts", "1"], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL)
+    stdout, _ = watcher.communicate(timeout=300)
+    assert watcher.returncode == 0
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["finished"] and summary["evaluated"][-1] == 8
+    assert set(summary["evaluated"]) | set(summary["missed"]) <= set(range(1, 9))
+    assert not set(summary["evaluated"]) & set(summary["missed"])
+    assert [s for s, _ in eval_scalars(out, f"eval/{small_folder.name}/all")] == summary["evaluated"]
+
+
+def test_watch_stops_when_its_parent_exits(tiny_run, small_folder, tmp_path):
+    """--follow on a run that will never finish (total_steps beyond its checkpoints): when the process that
+    started the watcher exits, the watcher makes one last pass and stops."""
+    run_dir = tmp_path / "unfinished"
+    run_dir.mkdir()
+    (run_dir / "checkpoint_000002.pt").symlink_to(tiny_run / "checkpoint_000002.pt")
+    (run_dir / "config.yaml").write_text("total_steps: 1000\n")
+    log = tmp_path / "watch.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    cmd = (f"{sys.executable} {REPO / 'evaluation' / 'watch.py'} --run {run_dir} --every 2 --eval-data "
+           f"imagefolder:{small_folder} --follow --poll 0.2 --num-workers 0 > {log} 2>&1 & sleep 1")
+    subprocess.run(["bash", "-c", cmd], check=True, env=env, cwd=REPO)  # the parent exits after 1 s
+    deadline = time.time() + 240
+    while time.time() < deadline and '"finished"' not in (log.read_text() if log.exists() else ""):
+        time.sleep(0.5)
+    summary = json.loads(log.read_text().strip().splitlines()[-1])
+    assert summary == {"evaluated": [2], "missed": [], "finished": False}

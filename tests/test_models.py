@@ -10,7 +10,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from models import ARCHS, build_encoder, encoder_from_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+from models import (ARCHS, FrozenFeatures, build_encoder, encoder_from_checkpoint, list_checkpoints, load_checkpoint,
+                    probe_features, save_checkpoint)
 from models.batchnorm import GlobalBatchNorm1d, GlobalBatchNorm2d, globalise_batchnorm
 from pipelines.spec import SPEC_PRESETS
 
@@ -74,6 +75,33 @@ def test_vit_probe_features_are_two_cls_tokens_layernormed():
     assert f.shape == (4, enc.probe_dim) == (4, 384)
     torch.testing.assert_close(f.mean(-1), torch.zeros(4), atol=1e-5, rtol=0)
     torch.testing.assert_close(f.var(-1, unbiased=False), torch.ones(4), atol=1e-3, rtol=0)
+
+
+@torch.no_grad()
+def test_probe_choices_match_an_independent_forward():
+    """`seed`: CLS of the last two blocks (run block by block here, not through get_intermediate_layers) then
+    LayerNorm; `pooled`: the CLS after the final norm; `projector`: the projector on the pooled features."""
+    torch.manual_seed(0)
+    enc = build_encoder("vit_t", proj_dim=16, hidden_dim=32, patch_size=8, img_size=32).eval()
+    vit, x = enc.backbone, torch.randn(3, 3, 32, 32)
+    tokens = vit.norm_pre(vit._pos_embed(vit.patch_embed(x)))
+    outputs = []
+    for block in vit.blocks:
+        tokens = block(tokens)
+        outputs.append(tokens)
+    cls = torch.cat([outputs[-2][:, 0], outputs[-1][:, 0]], dim=-1)
+    mean, var = cls.mean(-1, keepdim=True), cls.var(-1, unbiased=False, keepdim=True)
+    torch.testing.assert_close(probe_features(vit, x, "seed"), (cls - mean) / torch.sqrt(var + 1e-5))
+    pooled = vit.norm(outputs[-1])[:, 0]
+    torch.testing.assert_close(probe_features(vit, x, "pooled"), pooled)
+    torch.testing.assert_close(enc.probe_features(x, "projector"), enc.projector(pooled))
+    torch.testing.assert_close(FrozenFeatures(vit, "projector", enc.projector).probe_features(x), enc.projector(pooled))
+    resnet = build_encoder("resnet18", proj_dim=16, hidden_dim=32).eval().backbone
+    assert torch.equal(probe_features(resnet, x, "seed"), resnet(x))  # no CLS token: seed = pooled
+    with pytest.raises(ValueError, match=r"unknown probe 'cls'.*seed, pooled, projector"):
+        probe_features(vit, x, "cls")
+    with pytest.raises(ValueError, match="only a training checkpoint"):
+        FrozenFeatures(vit, "projector")
 
 
 def test_global_batchnorm_is_batchnorm_without_process_group():
@@ -171,6 +199,14 @@ def test_checkpoint_roundtrip_keep_last_k_and_truncated_fallback(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(restored.probe_features(x), enc.eval().probe_features(x))
+
+
+def test_checkpoint_rotation_spares_multiples_of_keep_every(tmp_path):
+    state = {"config": _config(), "model": {}}
+    for step in range(1, 11):
+        save_checkpoint(state, tmp_path, step, keep=2, keep_every=4)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "checkpoint_000004.pt", "checkpoint_000008.pt", "checkpoint_000009.pt", "checkpoint_000010.pt"]
 
 
 def test_checkpoint_errors_name_the_problem(tmp_path):
