@@ -16,11 +16,13 @@ import argparse
 import json
 import os
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 if __package__ in (None, ""):  # `python launchers/local.py` from a checkout: make the repo importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(REPO))
 
 import torch
 import torch.multiprocessing as mp
@@ -91,13 +93,36 @@ def main(argv=None) -> int:
     print(format_plan(plan), flush=True)
     if args.dry_run:
         return 0
-    if nproc == 1:
-        summary = run(cfg)
-        print(json.dumps(summary), flush=True)
-    else:
-        mp.spawn(_worker, args=(nproc, free_port(), threads, cfg), nprocs=nproc, join=True)
-        summary = {"status": "see rank 0 output"}
+    watcher = start_watcher(cfg, cuda) if cfg.eval_every else None
+    try:
+        if nproc == 1:
+            summary = run(cfg)
+            print(json.dumps(summary), flush=True)
+        else:
+            mp.spawn(_worker, args=(nproc, free_port(), threads, cfg), nprocs=nproc, join=True)
+            summary = {"status": "see rank 0 output"}
+    finally:
+        if watcher is not None:  # it evaluates what is left (the final checkpoint), then exits
+            print(f"waiting for the k-shot watcher to finish (log: {Path(cfg.out) / 'eval' / 'watch.log'})", flush=True)
+            watcher.wait()
     return 0 if summary.get("status") in ("done", "preempted", "see rank 0 output") else 1
+
+
+def start_watcher(cfg, cuda: bool) -> subprocess.Popen:
+    """--eval-every: evaluation/watch.py in the background, polling the run dir for the checkpoints to evaluate
+    (all-shot k-shot on --eval-data), results into the run's TensorBoard (eval/<dataset>/all) and OUT/eval/.
+    On a CPU it takes one thread beside the training; it stops after the final checkpoint or when we exit."""
+    out = Path(cfg.out)
+    (out / "eval").mkdir(parents=True, exist_ok=True)
+    log_path = out / "eval" / "watch.log"
+    cmd = [sys.executable, str(REPO / "evaluation" / "watch.py"), "--run", str(out), "--every", str(cfg.eval_every),
+           "--eval-data", *cfg.eval_data, "--follow", "--poll", "10", *([] if cuda else ["--threads", "1"])]
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    log.close()
+    print(f"k-shot watcher started: every {cfg.eval_every} steps on {', '.join(cfg.eval_data)}; log {log_path}",
+          flush=True)
+    return proc
 
 
 if __name__ == "__main__":

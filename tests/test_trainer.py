@@ -3,6 +3,7 @@ DDP processes (gloo) and a real SIGKILL."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -24,7 +25,8 @@ from trainer import TrainConfig, run
 
 REPO = Path(__file__).resolve().parents[1]
 TAGS = ("train/loss", "train/pred", "train/sigreg", "train/lr", "probe/acc", "perf/images_per_s",
-        "perf/data_wait_frac", "perf/step_ms")
+        "perf/data_wait_frac", "perf/step_ms", "monitor/rankme", "monitor/sigreg_global", "monitor/sigreg_local",
+        "monitor/emb_std")
 TINY_SPEC = SPEC_PRESETS["cpu-small"].replace(global_size=32, local_size=16, local_views=2)
 # Small enough for 2 cores: ViT-tiny/8 on 2x32 + 2x16 px views, a narrow projector, few slices.
 # In-process runs use fp32 (faster than emulated bf16 on CPUs without AMX); the loop test and the
@@ -92,6 +94,13 @@ def test_loop_runs_logs_every_tag_and_checkpoints(tmp_path, imagenette, backend)
     assert set(TAGS) <= set(acc.Tags()["scalars"])
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert [e.step for e in acc.Images("views")] == [2, 4]
+    # label-free curves: the loss's SIGReg is the view-weighted mean of the two groups' (same directions)
+    spec = cfg.spec
+    for s_tot, s_glob, s_loc in zip(*(acc.Scalars(t) for t in ("train/sigreg", "monitor/sigreg_global",
+                                                                  "monitor/sigreg_local"))):
+        mixed = (spec.global_views * s_glob.value + spec.local_views * s_loc.value) / spec.num_views
+        assert mixed == pytest.approx(s_tot.value, rel=1e-3)
+    assert all(1.0 <= e.value <= 2 * cfg.batch_size for e in acc.Scalars("monitor/rankme"))
     acc_values = [e.value for e in acc.Scalars("probe/acc")]
     assert all(0.0 <= a <= 1.0 for a in acc_values)
     assert all(0.0 <= e.value <= 1.0 for e in acc.Scalars("perf/data_wait_frac"))
@@ -176,12 +185,43 @@ def test_a_training_step_reads_nothing_back_and_skips_a_non_finite_step_on_the_d
                if "num_batches_tracked" not in k)
     assert all(torch.equal(v, before[k]) for s, before in zip(training.optimizer.state.values(), adam)
                for k, v in s.items())
-    figures, bad = training.read_window()
+    figures, bad, _ = training.read_window()
     assert bad == 1 and figures[5] == 1  # SKIPPED
     training.step(lambda: batch)  # a finite step again: the run of bad steps resets
     assert training.read_window()[1] == 0
     assert not torch.equal(training.module.state_dict()["encoder.backbone.conv1.weight"],
                            state["encoder.backbone.conv1.weight"])
+
+
+@pytest.mark.slow
+def test_eval_every_runs_kshot_on_checkpoints_beside_the_training(tmp_path, imagenette, dtd10):
+    """local.py --eval-every: a background evaluation/watch.py evaluates every N-th checkpoint (all-shot linear
+    probe) into the run's TensorBoard and OUT/eval/; the launcher waits for it to finish the final one."""
+    out = tmp_path / "run"
+    proc = subprocess.run(launcher(out, imagenette / "train", "--steps", "4", "--ckpt-every", "2", "--keep-ckpts", "1",
+                                   "--eval-every", "2", "--eval-data", f"imagefolder:{dtd10}"),
+                          env=SUBPROCESS_ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "k-shot watcher started" in proc.stdout
+    rows = json.loads((out / "eval" / "results.json").read_text())
+    assert sorted(r["step"] for r in rows) == [2, 4] and all(0 < r["mean"] <= 100 for r in rows)
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint_000002.pt", "checkpoint_000004.pt"]  # spared
+    acc = EventAccumulator(str(out / "tb"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tag = next(t for t in acc.Tags()["scalars"] if t.startswith("eval/"))
+    assert [e.step for e in acc.Scalars(tag)] == [2, 4]
+    assert [e.value for e in acc.Scalars(tag)] == pytest.approx([r["mean"] for r in sorted(rows, key=lambda r: r["step"])])
+
+
+def test_eval_every_needs_eval_data_and_a_checkpoint_multiple(tmp_path, capsys):
+    assert launcher_main(["--out", str(tmp_path / "x"), "--eval-every", "100"]) == 2
+    assert "--eval-every and --eval-data go together" in capsys.readouterr().err
+    assert launcher_main(["--out", str(tmp_path / "x"), "--eval-every", "150", "--ckpt-every", "100",
+                          "--eval-data", f"imagefolder:{tmp_path}"]) == 2
+    assert "must be a positive multiple of --ckpt-every 100" in capsys.readouterr().err
+    assert launcher_main(["--out", str(tmp_path / "x"), "--eval-every", "100", "--ckpt-every", "100",
+                          "--eval-data", "dtd"]) == 2
+    assert "expected NAME:ROOT" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- time budget
@@ -194,7 +234,7 @@ def test_time_budget_fixes_the_schedule_and_a_resume_keeps_it_exactly(tmp_path, 
     from trainer.schedule import CALIBRATION_STEPS
 
     budget = 0.5  # minutes
-    summary = run(tiny(tmp_path, imagenette / "train", time_budget=budget, ckpt_every=4, keep_ckpts=100))
+    summary = run(tiny(tmp_path, imagenette / "train", time_budget=budget, ckpt_every=2, keep_ckpts=1000))
     total = summary["total_steps"]
     assert summary["status"] == "done" and total is not None and summary["step"] <= total
     assert summary["minutes"] < 1.5 * budget  # the end is planned inside the budget (slack for a busy machine)
@@ -212,12 +252,12 @@ def test_time_budget_fixes_the_schedule_and_a_resume_keeps_it_exactly(tmp_path, 
         assert lrs[-1] == pytest.approx(TINY["lr"] * 1e-3, rel=1e-3)  # and the cosine its end
 
     fixed = CALIBRATION_STEPS + warmup  # the total is known from this step on
-    mid = min((p for p in list_checkpoints(tmp_path / "run") if fixed < int(p.stem.split("_")[1]) < summary["step"]),
+    mid = min((p for p in list_checkpoints(tmp_path / "run") if fixed <= int(p.stem.split("_")[1]) < summary["step"]),
               key=lambda p: p.name, default=None)
-    assert mid is not None, "no checkpoint between the fixed total and the end"
+    assert mid is not None, f"no checkpoint between the fixed total (step {fixed}) and the end ({summary})"
     (tmp_path / "again" / "run").mkdir(parents=True)
     (tmp_path / "again" / "run" / mid.name).write_bytes(mid.read_bytes())
-    again = run(tiny(tmp_path / "again", imagenette / "train", time_budget=budget, ckpt_every=4, keep_ckpts=100))
+    again = run(tiny(tmp_path / "again", imagenette / "train", time_budget=budget, ckpt_every=2, keep_ckpts=1000))
     assert again["total_steps"] == total
     common = min(again["step"], summary["step"])  # the safety net may stop either run a little early
     first = int(mid.stem.split("_")[1]) + 1

@@ -116,7 +116,9 @@ class Checkpointer:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "rng": rngs, "loader": loader_states,
                      "code_version": self.version, **(extra or {})}
-            save_checkpoint(state, self.cfg.out, progress.step, keep=self.cfg.keep_ckpts)
+            # the checkpoints --eval-every evaluates are spared from rotation (a late watcher still finds them)
+            save_checkpoint(state, self.cfg.out, progress.step, keep=self.cfg.keep_ckpts,
+                            keep_every=self.cfg.eval_every)
         if self.world > 1:
             dist.barrier()
 

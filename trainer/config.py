@@ -89,6 +89,8 @@ class TrainConfig:
     log_every: int = 10
     image_every: int = 100  # view grid to TensorBoard; 0 = never
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops as "diverged"
+    eval_every: int | None = None  # k-shot of every N-th checkpoint, off the training path (evaluation/watch.py)
+    eval_data: tuple[str, ...] | None = None  # NAME:ROOT datasets of kshot.py for --eval-every
     signal_sync_every: int = 5  # DDP: steps between all-reduces that agree on a preemption signal
     spec: MultiCropSpec = field(default_factory=MultiCropSpec)
 
@@ -169,6 +171,10 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, help="TensorBoard scalars every N steps")
     g.add_argument("--image-every", type=int, help="TensorBoard view grid every N steps (0 = never)")
     g.add_argument("--max-bad-steps", type=int, help="stop after K consecutive NaN/Inf steps (default 10)")
+    g.add_argument("--eval-every", type=int, help="all-shot k-shot of every N-th checkpoint during the run, off the "
+                                                  "training path (a multiple of --ckpt-every; needs --eval-data)")
+    g.add_argument("--eval-data", nargs="+", metavar="NAME:ROOT",
+                   help="datasets for --eval-every, as evaluation/kshot.py takes them (dtd:/data/dtd, imagefolder:DIR)")
     s = parser.add_argument_group("multi-crop spec (overrides of the preset's MultiCropSpec)")
     reference = MultiCropSpec()
     for name in SPEC_FLAGS:  # one flag per spec field: counts, sizes, ranges and every probability
@@ -211,6 +217,8 @@ def config_from_args(args: argparse.Namespace, world_size: int = 1) -> TrainConf
         values["patch_size"] = None
     spec_changes = {k: tuple(given[k]) if isinstance(given[k], list) else given[k] for k in SPEC_FLAGS if k in given}
     values["spec"] = SPEC_PRESETS[preset].replace(**spec_changes)
+    if values.get("eval_data") is not None:
+        values["eval_data"] = tuple(values["eval_data"])
     values["preset"] = preset
     base_batch = values.pop("base_batch", None)
     if "lr" not in given and base_batch is not None:
@@ -282,6 +290,18 @@ def validate_config(cfg: TrainConfig, check_data: bool = True) -> None:
         raise ValueError(f"--patch-size only applies to ViT archs, not {cfg.arch!r}")
     if cfg.base_batch is not None and cfg.base_batch < 1:
         raise ValueError(f"base_batch must be >= 1, got {cfg.base_batch}")
+    if (cfg.eval_every is None) != (not cfg.eval_data):
+        raise ValueError("--eval-every and --eval-data go together (evaluate every N-th checkpoint on these sets)")
+    if cfg.eval_every is not None:
+        if cfg.eval_every < 1 or cfg.eval_every % cfg.ckpt_every:
+            raise ValueError(f"--eval-every {cfg.eval_every} must be a positive multiple of --ckpt-every "
+                             f"{cfg.ckpt_every} (only checkpoints can be evaluated)")
+        for item in cfg.eval_data:
+            name, sep, root = item.partition(":")
+            if not sep or not name or not root:
+                raise ValueError(f"--eval-data {item!r}: expected NAME:ROOT, e.g. dtd:/data/dtd or imagefolder:DIR")
+            if check_data and not Path(root).exists():
+                raise ValueError(f"--eval-data {item!r}: {root} does not exist")
     if cfg.data is not None and check_data:
         validate_data(cfg.data)
 

@@ -1,7 +1,8 @@
 """`run(cfg)`: LeJEPA pretraining. Set-up helpers first, then the loop in one function, top to bottom.
 
 Run dir (`--out`): `config.yaml` (resolved config), `tb/` (TensorBoard events: train/{loss,pred,sigreg,lr},
-probe/acc, perf/{images_per_s,data_wait_frac,step_ms}, image `views`), `checkpoint_{step:06d}.pt` (the last
+probe/acc, perf/{images_per_s,data_wait_frac,step_ms}, monitor/{rankme,sigreg_global,sigreg_local,emb_std}
+(label-free curves, losses/monitor.py), image `views`), `checkpoint_{step:06d}.pt` (the last
 `--keep-ckpts`; format in models/checkpoint.py). A run dir that holds checkpoints is resumed from the
 latest readable one (a truncated latest file is reported and the previous one used); its recipe must match
 (RESUME_MUST_MATCH, the error names the field). `--no-resume` refuses such a dir instead of overwriting it.
@@ -37,7 +38,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from common.io import atomic_open
-from losses import SIGReg, lejepa_loss
+from losses import MONITOR_TAGS, SIGReg, lejepa_loss, monitor_figures
 from models import build_encoder
 from models.batchnorm import globalise_batchnorm
 from pipelines import Batch, build_loader
@@ -247,6 +248,7 @@ class Training:
                     sums[LABELLED] += labelled.sum()
                 self.scaler.scale(loss / accum).backward()
             sums[LOSS:SIGREG + 1] += torch.stack([parts.loss, parts.pred, parts.sigreg]).detach().float() / accum
+        self.last_emb = out.all_emb.detach()  # the label-free curves of a log step read the last micro-batch
 
         if self.scaler.is_enabled():  # fp16: the scaler skips overflow steps itself and lowers its scale
             self.scaler.unscale_(self.optimizer)
@@ -275,16 +277,21 @@ class Training:
             group["lr"] = base * self.schedule(self.scheduler.last_epoch)
         self.scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
-    def read_window(self) -> tuple[list[float], int]:
-        """The logging window's sums (averaged over ranks where they are means) and the current run of
-        non-finite steps: the one host sync, at log steps. Resets the window."""
+    def read_window(self) -> tuple[list[float], int, dict]:
+        """The logging window's sums (averaged over ranks where they are means), the current run of
+        non-finite steps and the label-free curves of the last step (losses/monitor.py: RankMe, SIGReg per
+        view group, embedding std; rank 0's batch for the first and last): the one host read, at log steps.
+        Resets the window."""
         window = self.sums.clone()
         if self.dd.world > 1:
             dist.all_reduce(window)
             window[[LOSS, PRED, SIGREG, SKIPPED]] /= self.dd.world  # means over ranks; probe counts stay sums
-        *figures, bad = torch.cat([window, self.bad_run.reshape(1)]).tolist()
+        # step_t - 1: the directions the step's loss used, so the two SIGReg curves average to train/sigreg
+        monitor = monitor_figures(self.last_emb, self.cfg.spec.global_views, self.sigreg, self.step_t - 1)
+        values = torch.cat([window, self.bad_run.reshape(1), monitor]).tolist()
         self.sums.zero_()
-        return figures, int(bad)
+        figures, bad = values[:len(window)], int(values[len(window)])
+        return figures, bad, dict(zip(MONITOR_TAGS, values[len(window) + 1:]))
 
 
 class StepLog:
@@ -298,13 +305,14 @@ class StepLog:
     def reset(self) -> None:
         self.t0, self.wait, self.steps = time.perf_counter(), 0.0, 0
 
-    def log(self, step: int, sums: list[float], lr: float) -> None:
+    def log(self, step: int, sums: list[float], lr: float, monitor: dict) -> None:
         n, elapsed = self.steps, time.perf_counter() - self.t0
         row = {"train/loss": sums[LOSS] / n, "train/pred": sums[PRED] / n, "train/sigreg": sums[SIGREG] / n,
                "train/lr": lr, "perf/images_per_s": self.images_per_step * n / elapsed,
                "perf/data_wait_frac": self.wait / elapsed, "perf/step_ms": 1000 * elapsed / n}
         if sums[LABELLED]:
             row["probe/acc"] = sums[CORRECT] / sums[LABELLED]
+        row.update({tag: v for tag, v in monitor.items() if v == v})  # NaN: no local views
         self.last = {"loss": row["train/loss"], **({"probe_acc": row["probe/acc"]} if "probe/acc" in row else {})}
         if self.writer is not None:
             for tag, value in row.items():
@@ -442,8 +450,8 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
 
             # ---- logging: the only place figures leave the device
             if step % cfg.log_every == 0 or step == total:
-                figures, bad = training.read_window()
-                log.log(step, figures, training.scheduler.get_last_lr()[0])
+                figures, bad, monitor = training.read_window()
+                log.log(step, figures, training.scheduler.get_last_lr()[0], monitor)
                 if figures[SKIPPED]:
                     skipped += int(figures[SKIPPED])
                     if rank == 0:
