@@ -20,6 +20,7 @@ rank), and `close()`. Which backends read streams: `STREAMING_BACKENDS`.
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 
 import torch
@@ -54,8 +55,9 @@ _HOW = {
 
 
 def streamed(source: str | Path, stream: bool = False) -> bool:
-    """Whether `source` is read as a stream: URLs and `pipe:` always, local shards when asked (--stream)."""
-    return stream or is_remote(source)
+    """Whether `source` is read as a stream: URLs (any `scheme://`: an unknown scheme is then refused by
+    name) and `pipe:` always, local shards when asked (--stream)."""
+    return stream or is_remote(source) or re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", str(source)) is not None
 
 
 def _choose(backend: str, source: str | Path, device: str | torch.device, stream: bool = False) -> tuple[str, str]:
@@ -143,4 +145,4 @@ def build_loader(
 
 
 __all__ = ["Batch", "MultiCropSpec", "SPEC_PRESETS", "BACKENDS", "STREAMING_BACKENDS", "StreamOptions", "build_loader",
-           "resolve_backend", "describe_backend", "available", "streamed"]
+           "resolve_backend", "describe_backend", "available", "streamed", "is_remote"]
