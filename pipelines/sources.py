@@ -234,6 +234,26 @@ def read_replacing_bad(source: Source, index: int, decode, on_bad):
     raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images in {source.root!r} from sample {index}")
 
 
+def decode_batch_replacing_bad(items: list[tuple[bytes, str]], decode, on_bad) -> tuple[list, list[int]]:
+    """`decode(bytes, name)` of each (bytes, name) of a streamed batch. A sample that does not decode
+    (BadImage) is replaced by the next decodable one of the same batch, cyclically, and reported to
+    `on_bad(name, reason)`: the batch stays the stream's batch, so the checkpointed position stays exact.
+    Returns (decoded value per slot, index of the sample each slot shows); RuntimeError when none decodes."""
+    decoded, bad = [], set()
+    for i, (data, name) in enumerate(items):
+        try:
+            decoded.append(decode(data, name))
+        except BadImage as e:
+            decoded.append(None)
+            bad.add(i)
+            on_bad(name, str(e))
+    good = [i for i in range(len(items)) if i not in bad]
+    if not good:
+        raise RuntimeError(f"no image of a streamed batch of {len(items)} decodes (first: {items[0][1]})")
+    used = [i if i not in bad else min((j for j in good if j > i), default=good[0]) for i in range(len(items))]
+    return [decoded[u] for u in used], used
+
+
 class BadFileLog:
     """Counts replaced samples and logs each bad path once (per process that owns the log)."""
 

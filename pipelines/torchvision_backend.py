@@ -28,7 +28,9 @@ from pipelines.batch import Batch
 from pipelines.params import (
     P_BLUR, P_BRIGHT, P_FLIP, P_GRAY, P_H, P_JITTER, P_ORDER, P_SIGMA, P_SOLAR, P_W, P_X, P_Y, sample_views,
 )
-from pipelines.sources import BadImage, ShardedLoader, Source, StreamedLoader, decode_pil, read_replacing_bad
+from pipelines.sources import (
+    ShardedLoader, Source, StreamedLoader, decode_batch_replacing_bad, decode_pil, read_replacing_bad,
+)
 from pipelines.spec import MultiCropSpec, View
 from pipelines.streaming import ShardStream
 
@@ -100,21 +102,12 @@ class StreamBatchDataset(Dataset):
         self.spec, self.seed = spec, seed
 
     def __getitems__(self, keys: list[tuple]) -> list[tuple]:
-        images, bad = [], []
-        for _, _, data, _, name in keys:
-            try:
-                images.append(decode_pil(data, name))
-            except BadImage as e:
-                images.append(None)
-                bad.append((name, str(e)))
-        good = [i for i, image in enumerate(images) if image is not None]
-        if not good:
-            raise RuntimeError(f"no image of a streamed batch of {len(keys)} decodes (first: {bad[0][1]})")
-        used = [i if images[i] is not None else min((j for j in good if j > i), default=good[0])
-                for i in range(len(keys))]
-        params = sample_views(self.spec, self.seed, keys[0][0], [k[1] for k in keys],
-                              [images[u].height for u in used], [images[u].width for u in used])
-        items = [(*render_sample(images[u], params[i], self.spec), keys[u][3], []) for i, u in enumerate(used)]
+        bad = []
+        images, used = decode_batch_replacing_bad([(k[2], k[4]) for k in keys], decode_pil,
+                                                  lambda name, why: bad.append((name, why)))
+        params = sample_views(self.spec, self.seed, keys[0][0], [k[1] for k in keys], [i.height for i in images],
+                              [i.width for i in images])
+        items = [(*render_sample(image, p, self.spec), keys[u][3], []) for image, p, u in zip(images, params, used)]
         items[0] = (*items[0][:3], bad)  # the batch's bad files travel once (collate flattens them)
         return items
 

@@ -605,7 +605,7 @@ def test_resume_on_another_world_size_is_approximate_and_keeps_the_epoch_length(
 
 def test_undecodable_sample_is_replaced_within_its_batch_and_counted(tmp_path, folder, caplog):
     from pipelines.params import sample_views
-    from pipelines.sources import decode_pil
+    from pipelines.sources import decode_batch_replacing_bad, decode_pil
     from pipelines.torchvision_backend import render_sample
 
     files = sorted(folder.glob("*/*.jpg"))[:8]
@@ -627,6 +627,8 @@ def test_undecodable_sample_is_replaced_within_its_batch_and_counted(tmp_path, f
     g, loc = render_sample(image, params, SPEC)
     assert torch.equal(batches[0].global_views[2], g) and torch.equal(batches[0].local_views[2], loc)
     assert batches[0].labels.tolist() == [0, 1, 3, 3]
+    with pytest.raises(RuntimeError, match="no image of a streamed batch of 2 decodes"):
+        decode_batch_replacing_bad([(b"x", "a"), (b"", "b")], decode_pil, lambda name, why: None)
 
 
 def test_streams_and_backends(shards, tmp_path):
