@@ -787,8 +787,9 @@ class ShardStream:
                 self.seed]
 
     def _epoch_start(self, epoch: int | None = None) -> dict:
-        return {"version": STATE_VERSION, "epoch": self.epoch if epoch is None else epoch, "emitted": 0, "block": 0, "block_emitted": 0,
-                "lap": 0, "rr": 0, "readers": [[0, 0, 0] for _ in range(self.readers)], "config": self._config()}
+        return {"version": STATE_VERSION, "epoch": self.epoch if epoch is None else epoch, "emitted": 0, "block": 0,
+                "block_emitted": 0, "lap": 0, "rr": 0, "readers": [[0, 0, 0] for _ in range(self.readers)],
+                "config": self._config()}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._resume = epoch, None
