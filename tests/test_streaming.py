@@ -448,6 +448,16 @@ def test_startup_reads_only_what_the_first_batch_needs(tmp_path):
             assert first.data.startswith(b"\xff\xd8") and len(stream) == n // 2
     assert opened[10, 0] == opened[10_000, 0] == 4  # the one block of 4 samples (1-sample shards), no more
     assert opened[10_000, 8] <= 4 + 2 * (8 + 1)  # read-ahead bounded by the prefetch depth, not by n
+    # the same through the launcher's check, the plan and the loader (no shard index: counts given)
+    from trainer.config import validate_data
+    from trainer.plan import describe_source
+
+    validate_data(pattern, stream=True)
+    assert describe_source(pattern, stream=True, samples_per_shard=1)["shards"] == 10_000
+    loader = stream_loader(pattern, batch_size=2, num_workers=0,
+                           options=StreamOptions(shuffle_buffer=4, samples_per_shard=1, prefetch=0))
+    assert next(iter(loader)).global_views.shape[0] == 2 and loader.stream.stats.shards_opened == 4
+    loader.close()
 
 
 # ------------------------------------------------------------------------------------------------
