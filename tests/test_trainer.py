@@ -407,6 +407,7 @@ def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path, ima
     (["--data", "pipe:exit 3"], "'pipe:exit 3': cannot read any of its first 1 shard(s): pipe:exit 3: exited with "
                                 "status 3"),
     (["--data", "/no/such/dir", "--stream"], "'/no/such/dir': cannot read any"),
+    (["--stream"], "--stream needs --data"),
     (["--shuffle-buffer", "0"], "--shuffle-buffer must be >= 1"),
     (["--shard-retries", "-1"], "--shard-retries must be >= 0"),
     (["--samples-per-shard", "0"], "--samples-per-shard must be >= 1"),
