@@ -14,8 +14,9 @@ from pathlib import Path
 
 from common.images import IMAGE_EXTS
 from models.registry import ARCHS, is_vit
-from pipelines import BACKENDS
+from pipelines import BACKENDS, StreamOptions, streamed
 from pipelines.spec import SPEC_PRESETS, MultiCropSpec
+from pipelines.streaming import check_source
 
 
 # Presets fill every field the user did not set on the command line.
@@ -104,10 +105,8 @@ class TrainConfig:
         """Images per optimizer step over all ranks."""
         return self.batch_size * world_size * self.accum_steps
 
-    def stream_options(self):
+    def stream_options(self) -> StreamOptions | None:
         """The loader's StreamOptions when --data is streamed (URLs, pipe:, --stream), else None (indexed)."""
-        from pipelines import StreamOptions, streamed
-
         if self.data is None or not streamed(self.data, self.stream):
             return None
         return StreamOptions(shuffle_buffer=self.shuffle_buffer, retries=self.shard_retries,
@@ -321,11 +320,7 @@ def validate_data(data: str, stream: bool = False) -> None:
     """A ValueError naming --data when it cannot be trained on. A streamed source (URL, pipe:, --stream)
     is checked cheaply: the pattern expands and one of its first shards opens as a tar."""
     text = str(data)
-    from pipelines import streamed
-
     if streamed(text, stream):
-        from pipelines.streaming import check_source
-
         check_source(text)  # its errors name the source ("data source 'http://...': ...")
         return
     if "{" in text:  # webdataset brace pattern: let the source scanner expand and check the shards

@@ -22,6 +22,7 @@ import torch
 import pipelines
 from models import build_encoder, list_checkpoints
 from pipelines import sources
+from pipelines.streaming import expand_shards, index_url, load_index
 from trainer.config import LR_RULE, TrainConfig, scale_lr, warmup_steps
 from trainer.schedule import CALIBRATION_STEPS
 
@@ -50,8 +51,6 @@ def data_visible(data: str | None) -> bool:
 def describe_stream(pattern: str, samples_per_shard: int | None = None, timeout: float = 10.0) -> dict:
     """kind / samples / shards / classes of streamed shards without reading a shard: the pattern's
     expansion and the writer's index beside the shards (one small file), or --samples-per-shard."""
-    from pipelines.streaming import expand_shards, index_url, load_index
-
     shards = expand_shards(pattern)  # ValueError naming the pattern: unknown scheme, zero shards
     how = ("through `pipe:` commands" if pattern.startswith("pipe:")
            else "over HTTP" if pipelines.is_remote(pattern) else "from local files")
