@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # `python pipelines/convert_ffcv.py` from a check
 import numpy as np
 
 from common.io import fsync_dir  # noqa: E402
-from pipelines.sources import BadImage, decode_rgb, open_source  # noqa: E402
+from pipelines.sources import BadImage, decode_rgb, open_source, worker_start_method  # noqa: E402
 
 
 class TorchvisionSource:
@@ -125,7 +125,7 @@ def validate(source, num_workers: int) -> tuple[list[int], list[tuple[str, str]]
     from tqdm import tqdm
 
     good, bad = [], []
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context(worker_start_method() or "fork")
     with ctx.Pool(num_workers, initializer=_init_worker, initargs=(source,)) as pool:
         results = pool.imap_unordered(_check, range(len(source)), chunksize=32)
         for i, _, reason in tqdm(results, total=len(source), unit="img", desc="validate", smoothing=0.1):

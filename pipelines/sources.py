@@ -9,12 +9,15 @@ into a `BadImage` that the backends count and replace instead of crashing mid-ep
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import os
 import re
+import sys
 import tarfile
 import threading
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +175,12 @@ def _scan_tars(name: str, shards: list[str]) -> Source:
 # The epoch order: one pure function, used by every backend.
 
 
+def worker_start_method() -> str | None:
+    """How decode worker processes start: the platform's default (fork) unless DALI's native thread pools run
+    in this process (forking them can deadlock the child), then a clean forkserver."""
+    return "forkserver" if "nvidia.dali" in sys.modules else None
+
+
 def steps_per_epoch(n: int, batch_size: int, world_size: int, drop_last: bool = True) -> int:
     per_step = batch_size * world_size
     return n // per_step if drop_last else -(-n // per_step)
@@ -230,6 +239,26 @@ def read_replacing_bad(source: Source, index: int, decode, on_bad):
         except (BadImage, OSError) as e:
             on_bad(source.name(i), str(e))
     raise RuntimeError(f"{MAX_REPLACEMENTS} consecutive unreadable images in {source.root!r} from sample {index}")
+
+
+def decode_batch_replacing_bad(items: list[tuple[bytes, str]], decode, on_bad) -> tuple[list, list[int]]:
+    """`decode(bytes, name)` of each (bytes, name) of a streamed batch. A sample that does not decode
+    (BadImage) is replaced by the next decodable one of the same batch, cyclically, and reported to
+    `on_bad(name, reason)`: the batch stays the stream's batch, so the checkpointed position stays exact.
+    Returns (decoded value per slot, index of the sample each slot shows); RuntimeError when none decodes."""
+    decoded, bad = [], set()
+    for i, (data, name) in enumerate(items):
+        try:
+            decoded.append(decode(data, name))
+        except BadImage as e:
+            decoded.append(None)
+            bad.add(i)
+            on_bad(name, str(e))
+    good = [i for i in range(len(items)) if i not in bad]
+    if not good:
+        raise RuntimeError(f"no image of a streamed batch of {len(items)} decodes (first: {items[0][1]})")
+    used = [i if i not in bad else min((j for j in good if j > i), default=good[0]) for i in range(len(items))]
+    return [decoded[u] for u in used], used
 
 
 class BadFileLog:
@@ -364,3 +393,105 @@ class ShardedLoader:
         batches = self.epoch_batches(self.epoch, self.start_step)
         self.start_step = 0
         return batches
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative fault counters of this process, by TensorBoard tag (the trainer sums them over ranks)."""
+        return {"data/bad_samples": self.bad_files.total}
+
+
+class StreamedLoader:
+    """The streamed counterpart of `ShardedLoader`: the Loader protocol (pipelines/__init__.py) around one
+    rank's `pipelines.streaming.ShardStream`, which owns the shard order, the epoch length and the
+    position. A backend subclass implements `__iter__`: it takes lists of `StreamSample`s from
+    `next_pass()` (reading ahead is fine) and calls `delivered()` as it hands each batch to the trainer, so
+    `state_dict()` is the position after the last batch the trainer took, not after the last one read.
+
+    Resume: `load_state_dict(state)` then `set_epoch(epoch, step)` (what trainer/checkpointing.restore and
+    the trainer do) continue exactly. Without a usable state (None: a checkpoint of another world size, or
+    one of other stream settings or another shard list) `set_epoch(epoch, step)` warns and continues at the
+    same fraction of the epoch in each reader's shard list (`ShardStream.approximate_state`): not exact,
+    as the indexed sources on another world size."""
+
+    def __init__(self, stream, spec, device):
+        self.stream, self.spec, self.device = stream, spec, device
+        self.batch_size, self.rank, self.world_size, self.seed = (stream.batch_size, stream.rank, stream.world_size,
+                                                                  stream.seed)
+        self.bad_files = BadFileLog()  # samples whose bytes did not decode (replaced within their batch)
+        self.epoch, self.start_step = stream.epoch, 0
+        self._pending: collections.deque = collections.deque()  # positions of batches read, not yet delivered
+        self._position = stream.state_dict()  # after the last batch delivered
+        self._loaded: tuple[int, int] | None = None  # (epoch, step) of a position loaded from a checkpoint
+        self._unusable = "no stream position in the checkpoint"
+        self._carried: dict[str, int] = {}  # counters of the run before the resume
+
+    @property
+    def source(self):
+        return self.stream.source
+
+    @property
+    def num_classes(self) -> int:
+        return self.stream.num_classes
+
+    def __len__(self) -> int:
+        return len(self.stream)
+
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        if not 0 <= start_step <= len(self):
+            raise ValueError(f"start_step={start_step} outside the epoch's {len(self)} steps")
+        if start_step == 0:
+            self.stream.set_epoch(epoch)
+        elif self._loaded != (epoch, start_step):
+            warnings.warn(f"streamed source {self.source.pattern!r}: {self._unusable}; continuing epoch {epoch} at "
+                          f"step {start_step} from the same fraction of each reader's shards (not exact)")
+            self.stream.load_state_dict(self.stream.approximate_state(epoch, start_step * self.batch_size))
+        self._loaded = None
+        self.epoch, self.start_step = int(epoch), int(start_step)
+        self._position = self.stream.state_dict()
+        self._pending.clear()
+
+    def state_dict(self) -> dict:
+        """{"stream": the stream position after the last batch delivered, "counters": counters()}: ints,
+        lists and a str-keyed dict (loads with torch.load(weights_only=True))."""
+        return {"stream": self._position, "counters": self.counters()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        """The position of a checkpoint for the next `set_epoch(epoch, step)`; None (a checkpoint of
+        another world size) or a state of another configuration makes that resume approximate."""
+        self._loaded = None
+        if state is None:
+            self._unusable = "the checkpoint holds no position for this world size"
+            return
+        self._carried = {k: int(v) for k, v in state.get("counters", {}).items()}
+        try:
+            self.stream.load_state_dict(state["stream"])
+        except (ValueError, KeyError) as e:
+            self._unusable = f"the checkpoint's stream position does not apply ({e})"
+            return
+        self._loaded = int(state["stream"]["epoch"]), int(state["stream"]["emitted"]) // self.batch_size
+
+    def next_pass(self):
+        """Lists of `batch_size` StreamSamples for the rest of the current pass (from the resume point,
+        which applies to one pass), each position kept until the backend calls `delivered()`."""
+        self.epoch, self.start_step = self.stream.epoch, 0
+        self._pending.clear()
+        for samples, position in self.stream.batches():
+            self._pending.append(position)
+            yield samples
+
+    def delivered(self) -> None:
+        """The next batch read (in order) has reached the trainer: it is what a checkpoint now covers."""
+        self._position = self._pending.popleft()
+
+    def counters(self) -> dict[str, int]:
+        """Cumulative over the run (carried through checkpoints): shards skipped after their retries,
+        retries, laps (a rank reading its shards again to fill its epoch), samples skipped or replaced
+        (no image member, or bytes that do not decode). A shard read ahead of the position a checkpoint
+        holds may count again after a resume."""
+        stats = self.stream.stats
+        now = {"data/skipped_shards": stats.shards_skipped, "data/shard_retries": stats.retries,
+               "data/laps": stats.laps, "data/bad_samples": self.stream.bad_samples.total + self.bad_files.total}
+        return {k: v + self._carried.get(k, 0) for k, v in now.items()}
+
+    def close(self) -> None:
+        """Stop reading: the stream's reader threads end and `pipe:` commands are killed."""
+        self.stream.close()

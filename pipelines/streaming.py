@@ -434,12 +434,17 @@ def image_and_label(members: dict) -> tuple[bytes | None, int]:
     return image, label
 
 
+SAMPLE_ID_BITS = 40  # = pipelines.params.EPOCH_SHIFT: an id is a valid sample index of the parameter sampler
+
+
 def sample_id(shard_index: int, key: str, lap: int = 0) -> int:
-    """63-bit id of a sample, the same whatever the transport (it keys on the shard's place in the
-    pattern, not its URL): per-sample randomness draws from (seed, epoch, sample_id). A sample met again
-    in a later lap of the same epoch gets another id."""
+    """40-bit id of a sample, the same whatever the transport (it keys on the shard's place in the
+    pattern, not its URL). It is the sample index of the per-view parameter sampler (pipelines/params.py
+    keys on (seed, epoch, index) with 40 bits for the index: a wider id would alias across epochs). A
+    sample met again in a later lap of the same epoch gets another id. Two samples share an id (and so
+    their random views) with probability ~n^2 / 2^41: about half a pair among a million samples."""
     text = f"{shard_index}/{key}" if lap == 0 else f"{shard_index}/{key}/{lap}"
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> (64 - SAMPLE_ID_BITS)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -461,6 +466,40 @@ class StreamSource:
     def num_classes(self) -> int:
         """Number of classes when the index names them, else 0 (unknown without reading every shard)."""
         return len(self.classes)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a loader streams (the trainer's --shuffle-buffer, --shard-retries, --samples-per-shard)."""
+
+    shuffle_buffer: int = 1000
+    retries: int = 3
+    samples_per_shard: int | None = None
+    timeout: float = 60.0
+    retry_delay: float = 1.0
+    readers: int = 2
+    prefetch: int = 64
+
+    def open(self, pattern: str | os.PathLike) -> StreamSource:
+        return open_stream_source(pattern, self.samples_per_shard, self.timeout, self.retries, self.retry_delay)
+
+    def stream(self, source: StreamSource, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+               epoch: int = 0) -> "ShardStream":
+        return ShardStream(source, batch_size, rank, world_size, seed, epoch, readers=self.readers,
+                           shuffle_buffer=self.shuffle_buffer, retries=self.retries, retry_delay=self.retry_delay,
+                           timeout=self.timeout, prefetch=self.prefetch)
+
+
+def check_source(pattern: str | os.PathLike, timeout: float = 60.0) -> list[str]:
+    """The launcher's check of a streamed --data before any process starts: the pattern expands (known
+    scheme, >= 1 shard) and one of its first shards opens as a tar. Reads one header, not the index."""
+    text = str(pattern)
+    if text.endswith(".beton"):
+        raise ValueError(f"data source {text!r} is an FFCV .beton: it is read locally with random access "
+                         "(--backend ffcv), not streamed; stream webdataset tar shards instead")
+    shards = expand_shards(text)
+    check_readable(text, shards, timeout)
+    return shards
 
 
 def open_stream_source(pattern: str | os.PathLike, samples_per_shard: int | None = None, timeout: float = 60.0,
@@ -747,9 +786,10 @@ class ShardStream:
         return [len(self.source), self.world_size, self.rank, self.readers, self.shuffle_buffer, self.batch_size,
                 self.seed]
 
-    def _epoch_start(self) -> dict:
-        return {"version": STATE_VERSION, "epoch": self.epoch, "emitted": 0, "block": 0, "block_emitted": 0,
-                "lap": 0, "rr": 0, "readers": [[0, 0, 0] for _ in range(self.readers)], "config": self._config()}
+    def _epoch_start(self, epoch: int | None = None) -> dict:
+        return {"version": STATE_VERSION, "epoch": self.epoch if epoch is None else epoch, "emitted": 0, "block": 0,
+                "block_emitted": 0, "lap": 0, "rr": 0, "readers": [[0, 0, 0] for _ in range(self.readers)],
+                "config": self._config()}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self._resume = epoch, None
@@ -760,6 +800,20 @@ class ShardStream:
         version, epoch, emitted (samples of the epoch yielded), block, block_emitted, lap, rr, readers
         ([shard cursor, samples read, byte offset] of each reader when the block started), config."""
         return _copy_state(self._state)
+
+    def approximate_state(self, epoch: int, emitted: int) -> dict:
+        """A position `emitted` samples into `epoch` for a resume without a state of this configuration
+        (another world size, shuffle buffer or shard list): each reader starts at the same fraction of its
+        shard list as the epoch has run, so mostly unread shards follow. Not exact, but the epoch keeps
+        its length: the pass yields the remaining `samples_per_epoch - emitted` samples."""
+        if not 0 <= emitted <= self.samples_per_epoch:
+            raise ValueError(f"position {emitted} outside the epoch's {self.samples_per_epoch} samples")
+        fraction = emitted / self.samples_per_epoch
+        order = rank_shards(len(self.source), self.seed, epoch, self.rank, self.world_size)
+        cursors = [int(fraction * len(reader_shards(order, w, self.readers))) for w in range(self.readers)]
+        block, done = divmod(emitted, self.shuffle_buffer)
+        return dict(self._epoch_start(epoch), emitted=emitted, block=block, block_emitted=done,
+                    readers=[[c, 0, 0] for c in cursors])
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("version") != STATE_VERSION:

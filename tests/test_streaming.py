@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from pipelines import SPEC_PRESETS, StreamOptions, build_loader
 from pipelines.sources import open_source
 from pipelines.streaming import (ShardError, ShardStream, expand_shards, index_url, iter_groups, open_shard,
                                  open_stream_source, rank_shards, stream_steps)
@@ -447,6 +448,16 @@ def test_startup_reads_only_what_the_first_batch_needs(tmp_path):
             assert first.data.startswith(b"\xff\xd8") and len(stream) == n // 2
     assert opened[10, 0] == opened[10_000, 0] == 4  # the one block of 4 samples (1-sample shards), no more
     assert opened[10_000, 8] <= 4 + 2 * (8 + 1)  # read-ahead bounded by the prefetch depth, not by n
+    # the same through the launcher's check, the plan and the loader (no shard index: counts given)
+    from trainer.config import validate_data
+    from trainer.plan import describe_source
+
+    validate_data(pattern, stream=True)
+    assert describe_source(pattern, stream=True, samples_per_shard=1)["shards"] == 10_000
+    loader = stream_loader(pattern, batch_size=2, num_workers=0,
+                           options=StreamOptions(shuffle_buffer=4, samples_per_shard=1, prefetch=0))
+    assert next(iter(loader)).global_views.shape[0] == 2 and loader.stream.stats.shards_opened == 4
+    loader.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -512,3 +523,151 @@ def test_batches_carry_the_position_after_them(shards):
     again = ShardStream(local(shards), batch_size=5, shuffle_buffer=7, **FAST)
     again.load_state_dict(got[3][1])  # the position a loader would checkpoint after its 4th batch
     assert [s.sample_id for b, _ in again.batches() for s in b] == [i for i, _, _ in ref[20:]]
+
+
+# ------------------------------------------------------------------------------------------------
+# Loaders over streams (pipelines.build_loader -> sources.StreamedLoader; the torchvision reference)
+
+SPEC = SPEC_PRESETS["cpu-small"].replace(global_size=32, local_size=16, local_views=2)
+QUICK = StreamOptions(shuffle_buffer=10, retry_delay=0.01, timeout=5.0)
+
+
+def stream_loader(pattern, batch_size=4, options=QUICK, **kw):
+    return build_loader(pattern, SPEC, backend="auto", batch_size=batch_size, device="cpu", seed=3,
+                        stream=options, **kw)
+
+
+def tensors(batches) -> list[tuple[torch.Tensor, ...]]:
+    return [(b.global_views, b.local_views, b.labels) for b in batches]
+
+
+def assert_same(a, b) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert all(torch.equal(u, v) for u, v in zip(x, y))
+
+
+def test_streamed_loader_renders_the_streams_samples_with_the_one_parameter_sampler(shards, server, faults, truth):
+    from pipelines.params import sample_views
+    from pipelines.sources import decode_pil
+    from pipelines.torchvision_backend import render_sample
+
+    loader = stream_loader(local(shards), num_workers=0)
+    assert type(loader).__name__ == "TorchvisionStreamLoader" and len(loader) == 12 and loader.num_classes == 4
+    got = tensors(loader)
+    # independently: the stream's samples, decoded, views drawn from (seed, epoch, sample id)
+    stream = ShardStream(local(shards), batch_size=4, shuffle_buffer=10, seed=3, **FAST)
+    want = []
+    for batch, _ in stream.batches():
+        images = [decode_pil(s.data) for s in batch]
+        params = sample_views(SPEC, 3, 0, [s.sample_id for s in batch], [i.height for i in images],
+                              [i.width for i in images])
+        views = [render_sample(image, p, SPEC) for image, p in zip(images, params)]
+        want.append((torch.stack([g for g, _ in views]), torch.stack([loc for _, loc in views]),
+                     torch.tensor([truth[s.data] for s in batch])))
+    assert_same(got, want)
+    # the same batches over HTTP and through pipe:cat, with workers decoding
+    for pattern in (http_pattern(server), f"pipe:cat {shards['dir']}/train-{{000..007}}.tar"):
+        assert_same(tensors(stream_loader(pattern, num_workers=2)), got)
+    loader.set_epoch(1)
+    assert not torch.equal(tensors(loader)[0][0], got[0][0])  # another epoch, another order and other views
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_streamed_loader_resumes_at_the_last_batch_taken_not_the_last_read(workers, shards):
+    """Workers read ahead (prefetch_factor 2 x 2 workers): the checkpointed position is the trainer's."""
+    ref = stream_loader(local(shards), num_workers=workers)
+    first = tensors(ref)
+    ref.set_epoch(1)
+    second = tensors(ref)
+    for k in (1, 5):
+        a = stream_loader(local(shards), num_workers=workers)
+        it = iter(a)
+        head = [next(it) for _ in range(k)]
+        state = roundtrip(a.state_dict())
+        a.close()
+        assert state["stream"]["emitted"] == 4 * k and state["counters"]["data/skipped_shards"] == 0
+        b = stream_loader(local(shards), num_workers=workers)
+        b.load_state_dict(state)
+        b.set_epoch(0, k)
+        assert_same(tensors(head) + tensors(b), first)
+        b.set_epoch(1)
+        assert_same(tensors(b), second)
+
+
+def test_resume_on_another_world_size_is_approximate_and_keeps_the_epoch_length(shards):
+    a = stream_loader(local(shards), rank=0, world_size=2, num_workers=0)
+    steps = len(a)
+    assert steps == 6
+    b = stream_loader(local(shards), num_workers=0)  # one rank now: no position for it
+    b.load_state_dict(None)
+    with pytest.warns(UserWarning, match="no position for this world size.*epoch 0 at step 6 from the same fraction"):
+        b.set_epoch(0, 6)
+    rest = list(b)
+    assert len(rest) == len(b) - 6 == 6
+    # a state of other stream settings is refused by the stream and handled the same way
+    c = stream_loader(local(shards), options=StreamOptions(shuffle_buffer=7, retry_delay=0.01), num_workers=0)
+    c.load_state_dict(roundtrip(a.state_dict()))
+    with pytest.warns(UserWarning, match="shuffle_buffer 10 -> 7"):
+        c.set_epoch(0, 2)
+    assert len(list(c)) == len(c) - 2
+
+
+def test_undecodable_sample_is_replaced_within_its_batch_and_counted(tmp_path, folder, caplog):
+    from pipelines.params import sample_views
+    from pipelines.sources import decode_batch_replacing_bad, decode_pil
+    from pipelines.torchvision_backend import render_sample
+
+    files = sorted(folder.glob("*/*.jpg"))[:8]
+    members = []
+    for k, f in enumerate(files):
+        data = b"\xff\xd8 not a jpeg" if k == 2 else f.read_bytes()
+        members += [(f"s{k}.jpg", data), (f"s{k}.cls", str(k).encode())]
+    (tmp_path / "bad-0.tar").write_bytes(_tar(members))
+    options = StreamOptions(shuffle_buffer=1, readers=1, retry_delay=0.01)
+    with caplog.at_level(logging.WARNING):
+        loader = stream_loader(str(tmp_path / "bad-{0..0}.tar"), options=options, num_workers=1)
+        batches = list(loader)
+    assert len(batches) == 2 and loader.counters()["data/bad_samples"] == 1
+    assert sum("bad-0.tar#s2" in r.getMessage() for r in caplog.records) == 1  # logged once, by name
+    # slot 2 shows sample 3's image and label, with slot 2's own random views
+    first = list(loader.stream.batches())[0][0]
+    image = decode_pil(first[3].data)
+    params = sample_views(SPEC, 3, 0, [first[2].sample_id], [image.height], [image.width])[0]
+    g, loc = render_sample(image, params, SPEC)
+    assert torch.equal(batches[0].global_views[2], g) and torch.equal(batches[0].local_views[2], loc)
+    assert batches[0].labels.tolist() == [0, 1, 3, 3]
+    with pytest.raises(RuntimeError, match="no image of a streamed batch of 2 decodes"):
+        decode_batch_replacing_bad([(b"x", "a"), (b"", "b")], decode_pil, lambda name, why: None)
+
+
+def test_streams_and_backends(shards, tmp_path):
+    from pipelines import describe_backend
+
+    pattern = local(shards)
+    with pytest.raises(ValueError, match="backend 'ffcv' reads .beton files only"):
+        build_loader("http://127.0.0.1:1/train-{000..007}.tar", SPEC, backend="ffcv", device="cpu")
+    with pytest.raises(ValueError, match="FFCV .beton is read locally"):
+        build_loader(str(tmp_path / "x.beton"), SPEC, backend="auto", device="cpu", stream=QUICK)
+    with pytest.raises(ValueError, match="backend 'dali' cannot read streamed shards"):
+        build_loader(pattern, SPEC, backend="dali", device="cpu", stream=QUICK)
+    assert describe_backend("auto", pattern, "cpu", stream=True).startswith("auto -> torchvision (streamed shards")
+    with pytest.raises(ValueError, match="unknown scheme 's3'"):
+        build_loader("s3://bucket/train-{000..007}.tar", SPEC, device="cpu")
+    indexed = build_loader(pattern, SPEC, backend="torchvision", batch_size=4, device="cpu", num_workers=0)
+    assert type(indexed).__name__ == "TorchvisionLoader"  # local shards stay indexed unless streamed
+
+
+def test_plan_describes_a_stream_without_reading_a_shard(shards, tmp_path):
+    from trainer.plan import describe_source
+
+    (tmp_path / "train.index.json").write_bytes((shards["dir"] / "train.index.json").read_bytes())
+    for k in range(8):
+        (tmp_path / f"train-{k:03d}.tar").write_bytes(b"not a tar: reading it would fail")
+    info = describe_source(str(tmp_path / "train-{000..007}.tar"), stream=True)
+    assert (info["shards"], info["samples"], info["classes"]) == (8, 48, 4)
+    assert info["kind"] == "webdataset tar shards streamed from local files"
+    pipe = describe_source(f"pipe:cat {tmp_path}/train-{{000..007}}.tar")
+    assert pipe["samples"] == 48 and "pipe:" in pipe["kind"]
+    bare = describe_source(f"http://127.0.0.1:1/t-{{00000..09999}}.tar", samples_per_shard=10)
+    assert (bare["shards"], bare["samples"]) == (10_000, 100_000)

@@ -14,8 +14,9 @@ from pathlib import Path
 
 from common.images import IMAGE_EXTS
 from models.registry import ARCHS, is_vit
-from pipelines import BACKENDS
+from pipelines import BACKENDS, StreamOptions, streamed
 from pipelines.spec import SPEC_PRESETS, MultiCropSpec
+from pipelines.streaming import check_source
 
 
 # Presets fill every field the user did not set on the command line.
@@ -58,7 +59,11 @@ RESUME_MUST_MATCH = ("arch", "patch_size", "proj_dim", "hidden_dim", "spec", "ba
 @dataclass
 class TrainConfig:
     arch: str = "resnet18"
-    data: str | None = None  # ImageFolder dir, webdataset tar(s) or .beton; None -> embedded Fashion-MNIST
+    data: str | None = None  # ImageFolder dir, tar shards, .beton, http(s):// or pipe: shards; None -> embedded
+    stream: bool = False  # stream local tar shards (URLs and pipe: always stream)
+    shuffle_buffer: int = 1000  # streamed shards: samples per shuffle block
+    shard_retries: int = 3  # streamed shards: retries of a failing shard before it is skipped
+    samples_per_shard: int | None = None  # streamed shards: None -> the writer's index, else one shard counted
     backend: str = "auto"
     out: str = "runs/default"
     preset: str = "cpu-small"
@@ -102,6 +107,13 @@ class TrainConfig:
         """Images per optimizer step over all ranks."""
         return self.batch_size * world_size * self.accum_steps
 
+    def stream_options(self) -> StreamOptions | None:
+        """The loader's StreamOptions when --data is streamed (URLs, pipe:, --stream), else None (indexed)."""
+        if self.data is None or not streamed(self.data, self.stream):
+            return None
+        return StreamOptions(shuffle_buffer=self.shuffle_buffer, retries=self.shard_retries,
+                             samples_per_shard=self.samples_per_shard)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)  # the spec becomes a plain dict too
 
@@ -134,7 +146,19 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every TrainConfig flag. Defaults are None so `config_from_args` can tell 'not given' from a value."""
     g = parser.add_argument_group("training (trainer.TrainConfig)")
     g.add_argument("--arch", help=f"backbone: {', '.join(ARCHS)}")
-    g.add_argument("--data", help="ImageFolder dir, webdataset tar(s) or .beton (default: embedded Fashion-MNIST)")
+    g.add_argument("--data", help="ImageFolder dir, webdataset tar shards ('train-{000000..000146}.tar'), .beton, "
+                                  "or shards to stream: 'http(s)://host/train-{000000..000146}.tar', "
+                                  "'pipe:COMMAND' (default: embedded Fashion-MNIST)")
+    g.add_argument("--stream", action="store_true", default=None,
+                   help="stream local tar shards front to back instead of indexing them (URLs and pipe: always "
+                        "stream)")
+    g.add_argument("--shuffle-buffer", type=int, help="streamed shards: samples per shuffle block (default 1000)")
+    g.add_argument("--shard-retries", type=int,
+                   help="streamed shards: retries of a failing shard (backoff 1, 2, 4 s ...) before it is skipped "
+                        "(default 3)")
+    g.add_argument("--samples-per-shard", type=int,
+                   help="streamed shards: samples per shard, for the epoch length (default: the writer's "
+                        "<prefix>.index.json beside the shards, else the first shard is counted)")
     g.add_argument("--backend", help=f"input pipeline: {', '.join(BACKENDS)} (default auto)")
     g.add_argument("--out", help="run dir: checkpoints, tb/, config.yaml (default runs/default)")
     g.add_argument("--preset", help=f"recipe defaults: {', '.join(PRESETS)} (default: slurm.py seed; local.py seed "
@@ -277,7 +301,11 @@ def validate_config(cfg: TrainConfig, check_data: bool = True) -> None:
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
-    for name in ("keep_ckpts", "image_every", "grad_clip"):
+    for name in ("shuffle_buffer", "samples_per_shard"):
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
+    for name in ("keep_ckpts", "image_every", "grad_clip", "shard_retries"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
     if cfg.warmup is not None and cfg.warmup < 0:
@@ -303,11 +331,18 @@ def validate_config(cfg: TrainConfig, check_data: bool = True) -> None:
             if check_data and not Path(root).exists():
                 raise ValueError(f"--eval-data {item!r}: {root} does not exist")
     if cfg.data is not None and check_data:
-        validate_data(cfg.data)
+        validate_data(cfg.data, cfg.stream)
+    elif cfg.stream and cfg.data is None:
+        raise ValueError("--stream needs --data (webdataset tar shards)")
 
 
-def validate_data(data: str) -> None:
+def validate_data(data: str, stream: bool = False) -> None:
+    """A ValueError naming --data when it cannot be trained on. A streamed source (URL, pipe:, --stream)
+    is checked cheaply: the pattern expands and one of its first shards opens as a tar."""
     text = str(data)
+    if streamed(text, stream):
+        check_source(text)  # its errors name the source ("data source 'http://...': ...")
+        return
     if "{" in text:  # webdataset brace pattern: let the source scanner expand and check the shards
         from pipelines.sources import open_source
 
@@ -317,7 +352,7 @@ def validate_data(data: str) -> None:
     if not path.exists():
         raise ValueError(f"--data {text!r} does not exist")
     if path.is_dir():
-        if not _has_image(path):
+        if not _has_image(path) and not any(path.glob("*.tar")):
             raise ValueError(f"--data {text!r} holds no image files ({', '.join(IMAGE_EXTS)})")
     elif not (path.suffix in (".beton", ".tar")):
         raise ValueError(f"--data {text!r} is a file but neither a .beton nor a .tar shard")

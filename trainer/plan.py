@@ -6,8 +6,9 @@
 `build_plan` returns a plain dict (YAML-safe: the trainer writes it into OUT/config.yaml under `plan:` and
 to TensorBoard as text); `format_plan` renders it for a terminal. Nothing here is heavy: the parameter count
 comes from a model built on the meta device (no memory, no init cost, even for ViT-H), the data source is
-described from what is cheap to read (files of an ImageFolder, the number of tar shards, a .beton header),
-and a --data that the submitting host cannot see is reported as such instead of failing.
+described from what is cheap to read (files of an ImageFolder, the number of tar shards, a .beton header,
+a streamed source's pattern and shard index: no shard is read), and a --data that the submitting host
+cannot see is reported as such instead of failing.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 import pipelines
 from models import build_encoder, list_checkpoints
 from pipelines import sources
+from pipelines.streaming import expand_shards, index_url, load_index
 from trainer.config import LR_RULE, TrainConfig, scale_lr, warmup_steps
 from trainer.schedule import CALIBRATION_STEPS
 
@@ -46,10 +48,32 @@ def data_visible(data: str | None) -> bool:
     return Path(sources.expand_braces(str(data))[0] if "{" in str(data) else data).exists()
 
 
-def describe_source(data: str | None) -> dict:
+def describe_stream(pattern: str, samples_per_shard: int | None = None, timeout: float = 10.0) -> dict:
+    """kind / samples / shards / classes of streamed shards without reading a shard: the pattern's
+    expansion and the writer's index beside the shards (one small file), or --samples-per-shard."""
+    shards = expand_shards(pattern)  # ValueError naming the pattern: unknown scheme, zero shards
+    how = ("through `pipe:` commands" if pattern.startswith("pipe:")
+           else "over HTTP" if pipelines.is_remote(pattern) else "from local files")
+    info = {"path": pattern, "kind": f"webdataset tar shards streamed {how}", "samples": None,
+            "shards": len(shards), "classes": None, "note": None}
+    if samples_per_shard is not None:
+        return dict(info, samples=samples_per_shard * len(shards), note="samples from --samples-per-shard")
+    index = load_index(pattern, shards, timeout)
+    if index is None:
+        return dict(info, note=f"no index {index_url(pattern) or '(no brace pattern)'} read from here: each rank "
+                               "counts the first shard at start for the epoch length")
+    counts, classes = index
+    return dict(info, samples=int(counts.sum()), classes=len(classes) or None,
+                note=f"counts from {index_url(pattern)}")
+
+
+def describe_source(data: str | None, stream: bool = False, samples_per_shard: int | None = None) -> dict:
     """kind / samples / shards / classes of --data, from what is cheap to read. A bad source raises the
-    same ValueError the loader would; one this host cannot see gets a note instead."""
+    same ValueError the loader would; one this host cannot see gets a note instead. A streamed source
+    (URLs, pipe:, `stream`) is described without reading any shard (`describe_stream`)."""
     info = {"path": data, "kind": None, "samples": None, "shards": None, "classes": None, "note": None}
+    if data is not None and pipelines.streamed(data):  # URLs and pipe: (a local --stream: below)
+        return describe_stream(str(data), samples_per_shard)
     if data is None:
         from pipelines.embedded import CLASSES, materialise
 
@@ -63,6 +87,8 @@ def describe_source(data: str | None) -> dict:
                 if "{" in text or path.suffix == ".tar" else "a folder (ImageFolder or tar shards)")
         return dict(info, kind=kind,
                     note=f"not visible from {socket.gethostname()}: the nodes check it when the job starts")
+    if stream:
+        return describe_stream(text, samples_per_shard)
     if "{" in text:
         shards = sources.expand_braces(text)
     elif path.is_dir():
@@ -85,9 +111,9 @@ def describe_source(data: str | None) -> dict:
     return dict(info, samples=len(source), classes=source.num_classes)
 
 
-def describe_backend(backend: str, data: str | None, device: torch.device) -> str:
+def describe_backend(backend: str, data: str | None, device: torch.device, stream: bool = False) -> str:
     """'auto -> dali (why)': the backend the loader will use on `device`, and why."""
-    return pipelines.describe_backend(backend, data or "", device)
+    return pipelines.describe_backend(backend, data or "", device, stream)
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -103,7 +129,7 @@ def build_plan(cfg: TrainConfig, world_size: int, device: str | torch.device, so
     """
     device = torch.device(device)
     params = count_parameters(cfg)
-    data = source_info if source_info is not None else describe_source(cfg.data)
+    data = source_info if source_info is not None else describe_source(cfg.data, cfg.stream, cfg.samples_per_shard)
     global_batch = cfg.global_batch(world_size)
 
     per_epoch = steps_per_epoch
@@ -148,7 +174,7 @@ def build_plan(cfg: TrainConfig, world_size: int, device: str | torch.device, so
         "lambd": cfg.lambd,
         "num_slices": cfg.num_slices,
         "data": data,
-        "backend": backend_choice or describe_backend(cfg.backend, cfg.data, device),
+        "backend": backend_choice or describe_backend(cfg.backend, cfg.data, device, cfg.stream),
         "device": device.type,
         "devices": devices,
         "world_size": world_size,

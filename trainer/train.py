@@ -2,7 +2,8 @@
 
 Run dir (`--out`): `config.yaml` (resolved config), `tb/` (TensorBoard events: train/{loss,pred,sigreg,lr},
 probe/acc, perf/{images_per_s,data_wait_frac,step_ms}, monitor/{rankme,sigreg_global,sigreg_local,emb_std}
-(label-free curves, losses/monitor.py), image `views`), `checkpoint_{step:06d}.pt` (the last
+(label-free curves, losses/monitor.py), data/* fault counters of the loader summed over ranks (bad_samples;
+for a stream skipped_shards, shard_retries, laps), image `views`), `checkpoint_{step:06d}.pt` (the last
 `--keep-ckpts`; format in models/checkpoint.py). A run dir that holds checkpoints is resumed from the
 latest readable one (a truncated latest file is reported and the previous one used); its recipe must match
 (RESUME_MUST_MATCH, the error names the field). `--no-resume` refuses such a dir instead of overwriting it.
@@ -156,6 +157,17 @@ def agree(dd: Distributed, *flags: bool) -> list[bool]:
     t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dd.control)
     return [bool(v) for v in t.tolist()]
+
+
+def data_counters(loader, dd: Distributed) -> dict[str, float]:
+    """The loader's cumulative fault counters (skipped shards, bad samples, ...) summed over ranks, on the
+    CPU control group (never waits for the GPU)."""
+    counters = loader.counters() if hasattr(loader, "counters") else {}
+    if dd.world > 1 and counters:
+        t = torch.tensor(list(counters.values()), dtype=torch.float64)
+        dist.all_reduce(t, group=dd.control)
+        counters = dict(zip(counters, t.tolist()))
+    return counters
 
 
 def view_grid(batch, spec, n: int = 4) -> torch.Tensor:
@@ -360,7 +372,8 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
 
     torch.manual_seed(cfg.seed)  # same init on every rank (DDP also broadcasts rank 0's weights)
     loader = build_loader(data, cfg.spec, backend=cfg.backend, batch_size=cfg.batch_size, device=dd.device,
-                          rank=rank, world_size=world, seed=cfg.seed, num_workers=cfg.num_workers)
+                          rank=rank, world_size=world, seed=cfg.seed, num_workers=cfg.num_workers,
+                          stream=cfg.stream_options())
     steps_per_epoch = len(loader) // cfg.accum_steps
     if steps_per_epoch < 1:
         raise ValueError(f"--data {data}: {len(loader)} batches per epoch < --accum-steps {cfg.accum_steps}")
@@ -452,6 +465,9 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
             if step % cfg.log_every == 0 or step == total:
                 figures, bad, monitor = training.read_window()
                 log.log(step, figures, training.scheduler.get_last_lr()[0], monitor)
+                for tag, value in data_counters(loader, dd).items():  # data/skipped_shards, data/bad_samples ...
+                    if writer is not None:
+                        writer.add_scalar(tag, value, step)
                 if figures[SKIPPED]:
                     skipped += int(figures[SKIPPED])
                     if rank == 0:
