@@ -90,14 +90,17 @@ def build_loader(
     epoch: int = 0,
     num_workers: int | None = None,
     drop_last: bool = True,
+    **options,
 ):
-    """Build the multi-crop loader for `source` (ImageFolder dir, webdataset tar(s), or `.beton`)."""
+    """Build the multi-crop loader for `source` (ImageFolder dir, webdataset tar(s), or `.beton`). `options`
+    go to the chosen backend's `build` (DALI: `decoder=DecoderOptions(...)`; FFCV: `order`, `colour_ops`);
+    `num_workers` defaults to this rank's CPUs (`pipelines.threads.cpus_per_rank`)."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     name = resolve_backend(backend, source, device)
     module = importlib.import_module(f"pipelines.{name}_backend")
     return module.build(
         source, spec, batch_size=batch_size, device=device, rank=rank, world_size=world_size,
-        seed=seed, epoch=epoch, num_workers=num_workers, drop_last=drop_last,
+        seed=seed, epoch=epoch, num_workers=num_workers, drop_last=drop_last, **options,
     )
 
 

@@ -11,7 +11,6 @@ workers.
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
@@ -24,6 +23,7 @@ from pipelines.params import (
 )
 from pipelines.sources import ShardedLoader, Source, decode_pil, read_replacing_bad
 from pipelines.spec import MultiCropSpec, View
+from pipelines.threads import cpus_per_rank
 
 # ColorJitter's ops by their id in P_ORDER (brightness, contrast, saturation, hue); the factor is in column
 # P_BRIGHT + id.
@@ -94,7 +94,7 @@ class TorchvisionLoader(ShardedLoader):
                  world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
                  drop_last: bool = True):
         super().__init__(source, spec, batch_size, torch.device(device), rank, world_size, seed, epoch, drop_last)
-        self.num_workers = min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
+        self.num_workers = cpus_per_rank() if num_workers is None else num_workers
         self.dataset = MultiCropDataset(self.source, spec, seed)
         self._plan: list[list[tuple[int, int]]] = []
         self._loader: DataLoader | None = None

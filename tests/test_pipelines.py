@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +377,66 @@ def test_dali_abandoned_pass_then_new_epoch(small_folder):
     ld.set_epoch(1)
     fresh = loader(small_folder, SMALL, "dali", batch_size=16, epoch=1)
     assert torch.equal(first(ld).global_views, first(fresh).global_views)
+
+
+@dali_only
+def test_dali_feed_runs_off_the_consumer_thread_and_tracks_positions(small_folder, monkeypatch):
+    """The graph's inputs are read, checked and packed by the feed thread ahead of the pipeline: the
+    consumer (the training thread) reads no file. `position` is that of the batch last handed out (the
+    feed runs ahead), and resuming there gives the rest of the epoch."""
+    ld = loader(small_folder, SMALL, "dali", batch_size=16, seed=2)
+    readers, read = set(), ld.source.read
+
+    def spy(i):
+        readers.add(threading.current_thread().name)
+        return read(i)
+
+    monkeypatch.setattr(ld.source, "read", spy)
+    full, positions = [], []
+    for batch in ld:
+        full.append(batch.global_views.clone())
+        positions.append(ld.position)
+    assert readers == {"dali-feed"}
+    assert positions == list(range(1, len(ld) + 1))
+    it = iter(ld)
+    next(it), next(it)
+    ld.set_epoch(0, start_step=ld.position)  # "checkpoint" after two batches, resume
+    rest = list(ld)
+    assert len(rest) == len(ld) - 2 and all(torch.equal(a.global_views, b) for a, b in zip(rest, full[2:]))
+
+
+@dali_only
+def test_dali_feed_error_reaches_the_consumer(tmp_path):
+    (tmp_path / "a").mkdir()
+    for k in range(20):
+        (tmp_path / "a" / f"{k:02d}.jpg").write_text("not an image\n")
+    with pytest.raises(RuntimeError, match="consecutive unreadable images"):
+        first(loader(tmp_path, SMALL, "dali", batch_size=8))
+
+
+def test_threads_follow_affinity_slurm_and_local_ranks(small_folder, monkeypatch):
+    """Loaders size their thread pools by this rank's CPUs: the affinity mask (taskset here), capped by
+    SLURM_CPUS_PER_TASK, split by LOCAL_WORLD_SIZE -- never os.cpu_count()."""
+    from pipelines.threads import cpus_per_rank
+
+    code = "import os; from pipelines.threads import cpus_per_rank; print(cpus_per_rank(), os.cpu_count())"
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE")}
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == "1" and int(out[1]) == os.cpu_count()
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpus_per_rank() == max(1, cpus // 2)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert cpus_per_rank() == 1
+    from pipelines.torchvision_backend import TorchvisionLoader
+
+    assert TorchvisionLoader(small_folder, SMALL, 16, torch.device("cpu")).num_workers == 1
+    if pipelines.available("dali"):
+        from pipelines.dali_backend import DaliLoader
+
+        assert DaliLoader(small_folder, SMALL, 16, torch.device("cpu")).num_threads == 1
 
 
 # ------------------------------------------------------------------------------------------------
