@@ -464,9 +464,7 @@ class FFCVLoader(ShardedLoader):
             g, loc = g.to(self.device, non_blocking=True), loc.to(self.device, non_blocking=True)
             self._keep_until_copied(images)
             return Batch(g, loc, labels)
-        # The very parameters the decoder drew for these samples (same sampler, same keys), on the host.
-        params = draw_batch(np.uint64(self.seed), keys, self.source.heights[self.batch_indices],
-                            self.source.widths[self.batch_indices], constants(self.spec))
+        params = self.drawn_params(label_keys)
         g8, l8 = split_views(images, count, self.spec)
         if self._side is None:  # CPU tensors (tests)
             return Batch(*self._colour.both(g8, l8, params), labels)
@@ -478,6 +476,13 @@ class FFCVLoader(ShardedLoader):
         g.record_stream(main)  # made on the side stream, used on the training stream
         loc.record_stream(main)
         return Batch(g, loc, labels)
+
+    def drawn_params(self, label_keys: np.ndarray) -> np.ndarray:
+        """[B, V, P] (host): the very parameters the decoder drew for a batch's samples (same sampler, keys)."""
+        keys = label_keys[:, 1].astype(np.uint64)
+        indices = (keys & np.uint64(INDEX_MASK)).astype(np.int64)
+        return draw_batch(np.uint64(self.seed), keys, self.source.heights[indices], self.source.widths[indices],
+                          constants(self.spec))
 
     def _keep_until_copied(self, images: np.ndarray) -> None:
         """Hold the pinned host views of a non-blocking copy until it is done (`RecycledBuffers` hands a

@@ -586,3 +586,18 @@ def test_preview_writes_view_grid(small_folder, tmp_path):
     out = main(["--data", str(small_folder), "--backend", "torchvision", "--preset", "cpu-small",
                 "--out", str(tmp_path / "views.png"), "--rows", "2"])
     assert Image.open(out).size == (8 * (SMALL.global_size + 4), 2 * (SMALL.global_size + 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# `make gpu-check`'s pipeline sections (benchmarks/gpu_check.py): their measuring code, run here on CPU so that a
+# GPU day does not find it broken (on CUDA the same functions time the GPU)
+
+
+def test_gpu_check_pipeline_figures_run_on_cpu(small_folder):
+    from benchmarks import gpu_check
+
+    colour = gpu_check.ffcv_colour_figures("cpu", batch=2, compiled=False, repeats=1)
+    assert colour["batch"] == 2 and colour["ms_per_batch"] > 0 and colour["host_syncs"] is None
+    if pipelines.available("dali"):
+        dali = gpu_check.dali_figures(str(small_folder), batch=8, hw_decoder_load=0.65, seconds=1.0, device="cpu")
+        assert dali["images_per_s"] > 0 and dali["host_cpu_ms_per_image"] > 0
