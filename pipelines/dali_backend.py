@@ -2,8 +2,8 @@
 
 - CUDA device: `fn.decoders.image(device="mixed")` (nvJPEG; on A100/H100 a share `hw_decoder_load` of the
   images goes to the hardware JPEG decoder) decodes each image once; every crop, colour op, blur, solarize,
-  normalise and the stacking of views runs on the GPU; the batch is handed to torch via DLPack, the
-  training stream waiting on DALI's (no host copy, no copy at all).
+  normalise and the stacking of views runs on the GPU; the batch is handed to torch via DLPack, bound to
+  the training stream, which waits for DALI's work (no host sync, no host copy, no copy at all).
 - CPU device: the same graph; DALI picks each operator's CPU implementation from where its input lives.
   No GPU-only operator is used.
 
@@ -343,7 +343,9 @@ class DaliLoader(ShardedLoader):
         try:
             while True:
                 try:
-                    outs = self._pipe.run()
+                    # On the GPU the outputs are bound to the training stream (it waits for DALI's work); without
+                    # a stream, run() would block the host until the batch is computed, every step.
+                    outs = self._pipe.run(torch.cuda.current_stream(self.device) if self.gpu else None)
                 except StopIteration:
                     self._pipe.reset()
                     self._exhausted = True
