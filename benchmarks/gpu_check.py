@@ -19,8 +19,9 @@ Sections
 - ffcv_colour: FFCV's device colour ops (pipelines/ffcv_gpu.py `ColourOps`) on synthetic uint8 views,
   batch 64 and 256, eager and compiled: ms per batch, host CPU ms per batch, host syncs (target 0), first
   call (compile) time. Needs torch and numba only (the sampler), not ffcv;
-- dali: the DALI `mixed` pipeline on an ImageFolder (DATA, default .cache/data/imagenette160/train, else a
-  set of synthetic JPEGs written to a temp folder): images/s and host CPU ms per image at batch 64 and
+- dali: the DALI `mixed` pipeline on an ImageFolder (DATA; default: 1024 imagenette160 photos from the
+  tests' cache or ../shared/data upscaled to 500 px, ImageNet's pixel count, else synthetic 500-px JPEGs,
+  written to a temp folder): images/s and host CPU ms per image at batch 64 and
   256 (hw_decoder_load 0.65, DALI's default) and at batch 256 with every JPEG on the hardware decoder
   (1.0), then a full training run (vit_s, seed recipe, trainer.run) fed by it: images/s and data-wait;
 - pytest: `pytest -m gpu` and its summary line.
@@ -233,25 +234,54 @@ def section_ffcv_colour(args) -> None:
             emit("ffcv_colour", **ffcv_colour_figures("cuda", batch, compiled, repeats=10 if not args.quick else 3))
 
 
-def _dali_data() -> tuple[str, str]:
+def _photos(limit: int):
+    """(name, JPEG bytes) of up to `limit` imagenette160 training photos the repository reaches without a
+    download: the tests' extracted cache, else the tar in ../shared/data; none when neither exists."""
+    import tarfile
+
+    cached = REPO / ".cache" / "data" / "imagenette160" / "train"
+    if cached.is_dir():
+        for f in sorted(cached.glob("*/*"))[:limit]:
+            yield f"{f.parent.name}/{f.name}", f.read_bytes()
+        return
+    tar = REPO.parent / "shared" / "data" / "imagenette160.tar"
+    if tar.is_file():
+        with tarfile.open(tar) as tf:
+            members = [m for m in tf if m.isfile() and "/train/" in m.name][:limit]
+            for m in members:
+                yield "/".join(m.name.split("/")[-2:]), tf.extractfile(m).read()
+
+
+def _dali_data(count: int = 1024, side: int = 500) -> tuple[str, str]:
+    """DATA when set; else `count` photos the repository reaches, upscaled to `side` px on the long side
+    (ImageNet's pixel count; the 160-px originals would flatter the decoder), else smooth synthetic JPEGs
+    of that size, written to a temp folder as an ImageFolder."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
     data = os.environ.get("DATA")
     if data:
         return data, "DATA"
-    cached = REPO / ".cache" / "data" / "imagenette160" / "train"
-    if cached.is_dir():
-        return str(cached), "imagenette160/train (tests' cache)"
-    from PIL import Image
-    import numpy as np
-
     root = Path(tempfile.mkdtemp(prefix="gpu-check-jpegs-"))
+    written = 0
+    for name, raw in _photos(count):
+        img = Image.open(io.BytesIO(raw)).convert("RGB")
+        scale = side / max(img.size)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC).save(root / name, quality=90)
+        written += 1
+    if written:
+        return str(root), f"{written} imagenette160 photos upscaled to {side} px"
     rng = np.random.default_rng(0)
     for c in range(4):
         (root / f"class{c}").mkdir()
-        for i in range(256):  # smooth random photos-like images, 160 x 213, JPEG q90
-            base = rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)
-            img = Image.fromarray(base).resize((213, 160), Image.BICUBIC)
-            img.save(root / f"class{c}" / f"{i:04d}.jpg", quality=90)
-    return str(root), "1024 synthetic JPEGs (no DATA, no imagenette160 cache)"
+        for i in range(count // 4):  # smooth random images, JPEG q90
+            base = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((side, side * 3 // 4), Image.BICUBIC).save(root / f"class{c}" / f"{i:04d}.jpg",
+                                                                                     quality=90)
+    return str(root), f"{count} synthetic {side} px JPEGs (no DATA, no imagenette160)"
 
 
 def dali_figures(data: str, batch: int, hw_decoder_load: float, seconds: float, device="cuda") -> dict:

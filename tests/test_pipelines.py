@@ -593,9 +593,14 @@ def test_preview_writes_view_grid(small_folder, tmp_path):
 # GPU day does not find it broken (on CUDA the same functions time the GPU)
 
 
-def test_gpu_check_pipeline_figures_run_on_cpu(small_folder):
+def test_gpu_check_pipeline_figures_run_on_cpu(small_folder, monkeypatch):
     from benchmarks import gpu_check
 
+    monkeypatch.delenv("DATA", raising=False)
+    data, what = gpu_check._dali_data(count=8, side=500)  # photos the repository reaches, ImageNet-sized
+    images = sorted(Path(data).glob("*/*.jpg"))
+    assert len(images) == 8 and "upscaled to 500 px" in what and max(Image.open(images[0]).size) == 500
+    shutil.rmtree(data)
     colour = gpu_check.ffcv_colour_figures("cpu", batch=2, compiled=False, repeats=1)
     assert colour["batch"] == 2 and colour["ms_per_batch"] > 0 and colour["host_syncs"] is None
     if pipelines.available("dali"):
