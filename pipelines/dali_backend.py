@@ -10,15 +10,15 @@
 The feed (`Feed`): the encoded bytes and labels of the samples that `sources.epoch_batches` assigns to this
 rank and step, and three small arrays per sample (int32 [V, NUM_INTS], float32 [V, NUM_FLOATS], bool
 [V, NUM_FLAGS]) that the graph slices per view, come in through one `fn.external_source`. A thread
-prepares them ahead of the pipeline, off the training thread: it reads the samples (`sources.read_replacing_bad`
-with `check_encoded`: bytes a plain RGB decoder accepts, and the image size from the header), draws every
-view's parameters with the sampler all backends share (pipelines/params.py) and derives the graph's
-arguments from them (`graph_args`, vectorised). The DALI callback only takes the next prepared step from
+prepares them ahead of the pipeline, off the training thread: it reads the samples
+(`sources.read_replacing_bad` with `check_encoded`: bytes a plain RGB decoder accepts, and the image size
+from the header), draws every view's parameters with the sampler all backends share (pipelines/params.py)
+and derives the graph's arguments from them (`graph_args`, vectorised). The DALI callback only takes the next prepared step from
 a queue. Every step is a pure function of (seed, epoch, step), so running ahead changes nothing: shuffling,
 sharding, drop_last, `set_epoch` and a mid-epoch resume are exact, the order and the random choices are
 the torchvision reference's, and a sample's views do not depend on the batch or step it lands in. (DALI's
-operator arguments are typed: a slice window or a mirror flag must be an integer tensor, a branch predicate
-a boolean one, hence three arrays rather than one.)
+operator arguments are typed: a slice window must be an integer tensor, a branch predicate a boolean one,
+hence three arrays rather than one.)
 
 The feed reads its steps from a *sample provider*: any iterator of `Step` (the step's checked encoded
 samples, labels, the sampler key of each sample, image sizes, and the position a checkpoint taken after
@@ -33,7 +33,7 @@ is now about a third of it, blur a fifth):
 - colour ops only on views that are jittered or greyed (a DALI conditional splits the batch), on the
   uint8 source crop *before* the resize whenever the crop is smaller than the view (local crops nearly
   always are), after it otherwise; `hsv` with float output, then `brightness_contrast` back to uint8:
-  DALI's uint8 `hsv` rounds every value through a libm call (2.7x the cost of its float output), and a
+  DALI's uint8 `hsv` rounds every value through a libm call (over twice the cost of its float output), and a
   non-jittered view gets identity arguments instead of another branch;
 - Gaussian blur window 2*ceil(3 sigma)+1 (capped at torchvision's kernel size for the view, whose
   truncation it then reproduces), and, when the crop is upsampled to the view, applied to the source
