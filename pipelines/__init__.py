@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.batch import Batch
+from pipelines.batch import Batch, batch_device
 from pipelines.spec import SPEC_PRESETS, MultiCropSpec
 
 BACKENDS = ("auto", "dali", "ffcv", "torchvision")
@@ -95,7 +95,7 @@ def build_loader(
     """Build the multi-crop loader for `source` (ImageFolder dir, webdataset tar(s), or `.beton`). `options`
     go to the chosen backend's `build` (DALI: `decoder=DecoderOptions(...)`; FFCV: `order`, `colour_ops`);
     `num_workers` defaults to this rank's CPUs (`pipelines.threads.cpus_per_rank`)."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = batch_device(device)
     name = resolve_backend(backend, source, device)
     module = importlib.import_module(f"pipelines.{name}_backend")
     return module.build(

@@ -71,7 +71,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import torch
 
-from pipelines.batch import Batch
+from pipelines.batch import Batch, batch_device
 from pipelines.params import (
     P_BLUR, P_BRIGHT, P_CONTRAST, P_FLIP, P_GRAY, P_H, P_HUE, P_JITTER, P_SAT, P_SIGMA, P_SOLAR, P_W, P_X, P_Y,
     sample_views,
@@ -301,7 +301,7 @@ class DaliLoader(ShardedLoader):
     def __init__(self, source, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
                  drop_last: bool = True, decoder: DecoderOptions | None = None, feed_depth: int = 4):
-        super().__init__(source, spec, batch_size, torch.device(device), rank, world_size, seed, epoch, drop_last)
+        super().__init__(source, spec, batch_size, batch_device(device), rank, world_size, seed, epoch, drop_last)
         self.num_threads = num_workers if num_workers and num_workers > 0 else cpus_per_rank()
         self.gpu = self.device.type == "cuda"
         self.decoder = decoder or DecoderOptions()
@@ -312,7 +312,7 @@ class DaliLoader(ShardedLoader):
         self._exhausted = True  # False while a pass is in flight: its prefetched batches would be stale
 
     def _build(self):
-        gpu_id = (self.device.index or 0) if self.gpu else None
+        gpu_id = self.device.index if self.gpu else None
         # The pipeline keeps this bound method for its life; it reads whichever feed the current pass has.
         pipe = define_pipeline(self.spec, self._next_inputs, self.batch_size, self.num_threads, gpu_id, self.gpu,
                                self.seed, self.decoder)

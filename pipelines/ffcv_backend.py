@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.batch import Batch
+from pipelines.batch import Batch, batch_device
 from pipelines.ffcv_ops import block_sizes, render_views
 from pipelines.params import EPOCH_SHIFT, INDEX_MASK, constants, draw_batch, make_key
 from pipelines.sources import ShardedLoader
@@ -367,7 +367,7 @@ class FFCVLoader(ShardedLoader):
         if colour_ops not in ("auto", "fused", "torch"):
             raise ValueError(f"colour_ops={colour_ops!r}: valid are 'auto', 'fused', 'torch'")
         self._running = None  # before anything can fail: __del__ closes it
-        super().__init__(BetonSource.open(path), spec, batch_size, torch.device(device), rank, world_size, seed,
+        super().__init__(BetonSource.open(path), spec, batch_size, batch_device(device), rank, world_size, seed,
                          epoch, drop_last)
         self.path, self.order = str(path), order
         # "torch": FFCV makes uint8 views, the colour ops run batched in torch on `device` (auto on CUDA);
@@ -519,9 +519,8 @@ def build(source, spec: MultiCropSpec, batch_size: int = 64, device=None, rank: 
           order: str = "random", colour_ops: str = "auto", compile_colour: bool = False) -> FFCVLoader:
     """`pipelines.build_loader(..., backend="ffcv")`: a multi-crop loader over a `.beton`. `compile_colour`:
     torch.compile the GPU colour ops (pipelines/ffcv_gpu.py; the first batches wait for the compiler)."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return FFCVLoader(source, spec, batch_size, device, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                      num_workers=num_workers, drop_last=drop_last, order=order, colour_ops=colour_ops,
+    return FFCVLoader(source, spec, batch_size, batch_device(device), rank=rank, world_size=world_size, seed=seed,
+                      epoch=epoch, num_workers=num_workers, drop_last=drop_last, order=order, colour_ops=colour_ops,
                       compile_colour=compile_colour)
 
 

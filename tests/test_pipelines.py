@@ -606,3 +606,16 @@ def test_gpu_check_pipeline_figures_run_on_cpu(small_folder, monkeypatch):
     if pipelines.available("dali"):
         dali = gpu_check.dali_figures(str(small_folder), batch=8, hw_decoder_load=0.65, seconds=1.0, device="cpu")
         assert dali["images_per_s"] > 0 and dali["host_cpu_ms_per_image"] > 0
+
+
+def test_batch_device_names_the_cuda_device():
+    """A loader's threads must name the rank's GPU ("cuda" alone is the current device of the thread that
+    asks, and a new thread starts on device 0)."""
+    from pipelines.batch import batch_device
+
+    cuda = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    assert batch_device("cpu") == torch.device("cpu")
+    assert batch_device(None) == (cuda or torch.device("cpu"))
+    if cuda is not None:
+        assert batch_device("cuda") == cuda
+    assert batch_device(torch.device("cuda", 3)) == torch.device("cuda", 3)  # named: kept (no CUDA call)
