@@ -481,6 +481,36 @@ def test_odd_modes_are_converted(messy_folder):
     assert abs(float(grey16.mean()) - float(grey8.mean())) < 3  # 16-bit scaled down, not clipped to white
 
 
+def test_jpeg_header_size_agrees_with_pil(imagenette, dtd10, messy_folder):
+    """check_encoded's marker walk (no PIL) gives PIL's size for plain 8-bit grey/RGB Huffman JPEGs, baseline
+    or progressive, with or without EXIF, and declines everything else (then PIL decides, as before)."""
+    from pipelines.sources import _plain_jpeg_size
+
+    files = sorted((imagenette / "val").glob("*/*.jpg"))[::7] + sorted((dtd10 / "train").glob("*/*.jpg"))[::5]
+    rgb = Image.open(files[0]).convert("RGB")
+    variants = {}
+    for name, kw in {"progressive": dict(progressive=True), "exif": dict(exif=rgb.getexif().tobytes()),
+                     "q30-420": dict(quality=30, subsampling=2)}.items():
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", **kw)
+        variants[name] = buf.getvalue()
+    buf = io.BytesIO()
+    rgb.convert("L").save(buf, format="JPEG")
+    variants["grey"] = buf.getvalue()
+    checked = 0
+    for data in [f.read_bytes() for f in files] + list(variants.values()):
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.mode in ("RGB", "L")
+            assert _plain_jpeg_size(data) == (img.height, img.width)
+        assert check_encoded(data)[0] is data  # passed through untouched
+        checked += 1
+    assert checked > 150
+    root, _ = messy_folder
+    cmyk = (root / "a" / "cmyk.jpg").read_bytes()
+    assert _plain_jpeg_size(cmyk) is None and Image.open(io.BytesIO(check_encoded(cmyk)[0])).mode == "RGB"
+    assert _plain_jpeg_size(b"\xff\xd8" + b"\x00" * 64) is None
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_files_skipped_counted_logged_once(backend, messy_folder, caplog):
     root, broken = messy_folder
