@@ -16,11 +16,14 @@ Sections
 - train_step: `trainer.train.Training.step` (the trainer's own step) on a synthetic batch already on the
   device, seed-recipe shapes, bf16, vit_s and vit_l, eager and compiled: images/s, peak memory, and host
   syncs counted in non-logging steps (set_sync_debug_mode("warn"); target 0);
-- ffcv_colour: FFCV's device colour ops (pipelines/ffcv_gpu.py) on synthetic uint8 views, batch 64 and
-  256, eager and compiled (needs ffcv only for nothing: the ops are torch; skipped if the module is absent);
-- dali: the DALI `mixed` pipeline on an ImageFolder (DATA, default .cache/data/imagenette160/train, else a
-  set of synthetic JPEGs written to a temp folder): images/s at batch 64 and 256, then a full training run
-  (vit_s, seed recipe, trainer.run) fed by it: images/s and data-wait;
+- ffcv_colour: FFCV's device colour ops (pipelines/ffcv_gpu.py `ColourOps`) on synthetic uint8 views,
+  batch 64 and 256, eager and compiled: ms per batch, host CPU ms per batch, host syncs (target 0), first
+  call (compile) time. Needs torch and numba only (the sampler), not ffcv;
+- dali: the DALI `mixed` pipeline on an ImageFolder (DATA; default: 1024 imagenette160 photos from the
+  tests' cache or ../shared/data upscaled to 500 px, ImageNet's pixel count, else synthetic 500-px JPEGs,
+  written to a temp folder): images/s and host CPU ms per image at batch 64 and
+  256 (hw_decoder_load 0.65, DALI's default) and at batch 256 with every JPEG on the hardware decoder
+  (1.0), then a full training run (vit_s, seed recipe, trainer.run) fed by it: images/s and data-wait;
 - pytest: `pytest -m gpu` and its summary line.
 """
 
@@ -65,6 +68,20 @@ def importable(module: str) -> str | None:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0))
+
+
+def device_time(fn, device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
+    """Seconds per call: CUDA events on a GPU (`cuda_time`), the wall clock on CPU."""
+    if device.type == "cuda":
+        return cuda_time(fn, repeats, warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def cuda_time(fn, repeats: int, warmup: int = 2) -> list[float]:
@@ -182,75 +199,136 @@ def section_train_step(args) -> None:
             torch.cuda.empty_cache()
 
 
-def section_ffcv_colour(args) -> None:
-    try:
-        from pipelines import ffcv_gpu
-    except ImportError as e:  # ffcv_gpu imports ffcv_ops, which needs numba
-        emit("ffcv_colour", skipped=f"{e.name or 'numba'} not installed")
-        return
+def ffcv_colour_figures(device, batch: int, compiled: bool, repeats: int) -> dict:
+    """FFCV's device colour ops (`ffcv_gpu.ColourOps`) on a synthetic batch: device ms per batch, host CPU
+    ms per batch, host syncs, first call (compile) time. Runs on CPU tensors too (tests)."""
+    from pipelines import ffcv_gpu
     from pipelines.spec import MultiCropSpec
 
-    spec, device = MultiCropSpec(), torch.device("cuda", 0)
-    for batch in (64, 256):
-        for compiled in (False, True):
-            fn = ffcv_gpu.colour_views_fn(spec, device, compiled=compiled)
-            views, params = ffcv_gpu.synthetic_views(spec, batch, device)
-            times = cuda_time(lambda: fn(views, params), repeats=10 if not args.quick else 3, warmup=3)
-            emit("ffcv_colour", batch=batch, compiled=compiled, ms_per_batch=round(1000 * statistics.median(times), 2),
-                 images_per_s=round(batch / statistics.median(times)))
+    spec, device = MultiCropSpec(), torch.device(device)
+    ops = ffcv_gpu.ColourOps(spec, device, compiled=compiled)
+    views, params = ffcv_gpu.synthetic_views(spec, batch, device)
+    t0 = time.perf_counter()
+    ops.both(*views, params)  # compiles the first time it sees a shape
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    cpu0 = time.process_time()
+    times = device_time(lambda: ops.both(*views, params), device, repeats=repeats, warmup=3)
+    host_ms = 1000 * (time.process_time() - cpu0) / (repeats + 3)
+    syncs = count_syncs(lambda: ops.both(*views, params)) if device.type == "cuda" else None
+    ms = 1000 * statistics.median(times)
+    return dict(batch=batch, compiled=compiled, ms_per_batch=round(ms, 2), images_per_s=round(1000 * batch / ms),
+                host_cpu_ms_per_batch=round(host_ms, 2), host_syncs=syncs, first_call_s=round(first_s, 1),
+                views=f"{spec.global_views}x{spec.global_size} + {spec.local_views}x{spec.local_size}")
 
 
-def _dali_data() -> tuple[str, str]:
+def section_ffcv_colour(args) -> None:
+    try:
+        import numba  # noqa: F401 - the sampler (pipelines/params.py) is numba-compiled
+    except ImportError:
+        emit("ffcv_colour", skipped="numba not installed")
+        return
+    for compiled in (False, True):
+        for batch in (64, 256):
+            emit("ffcv_colour", **ffcv_colour_figures("cuda", batch, compiled, repeats=10 if not args.quick else 3))
+
+
+def _photos(limit: int):
+    """(name, JPEG bytes) of up to `limit` imagenette160 training photos the repository reaches without a
+    download: the tests' extracted cache, else the tar in ../shared/data; none when neither exists."""
+    import tarfile
+
+    cached = REPO / ".cache" / "data" / "imagenette160" / "train"
+    if cached.is_dir():
+        for f in sorted(cached.glob("*/*"))[:limit]:
+            yield f"{f.parent.name}/{f.name}", f.read_bytes()
+        return
+    tar = REPO.parent / "shared" / "data" / "imagenette160.tar"
+    if tar.is_file():
+        with tarfile.open(tar) as tf:
+            members = [m for m in tf if m.isfile() and "/train/" in m.name][:limit]
+            for m in members:
+                yield "/".join(m.name.split("/")[-2:]), tf.extractfile(m).read()
+
+
+def _dali_data(count: int = 1024, side: int = 500) -> tuple[str, str]:
+    """DATA when set; else `count` photos the repository reaches, upscaled to `side` px on the long side
+    (ImageNet's pixel count; the 160-px originals would flatter the decoder), else smooth synthetic JPEGs
+    of that size, written to a temp folder as an ImageFolder."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
     data = os.environ.get("DATA")
     if data:
         return data, "DATA"
-    cached = REPO / ".cache" / "data" / "imagenette160" / "train"
-    if cached.is_dir():
-        return str(cached), "imagenette160/train (tests' cache)"
-    from PIL import Image
-    import numpy as np
-
     root = Path(tempfile.mkdtemp(prefix="gpu-check-jpegs-"))
+    written = 0
+    for name, raw in _photos(count):
+        img = Image.open(io.BytesIO(raw)).convert("RGB")
+        scale = side / max(img.size)
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        img.resize((round(img.width * scale), round(img.height * scale)), Image.BICUBIC).save(root / name, quality=90)
+        written += 1
+    if written:
+        return str(root), f"{written} imagenette160 photos upscaled to {side} px"
     rng = np.random.default_rng(0)
     for c in range(4):
         (root / f"class{c}").mkdir()
-        for i in range(256):  # smooth random photos-like images, 160 x 213, JPEG q90
-            base = rng.integers(0, 255, (5, 7, 3), dtype=np.uint8)
-            img = Image.fromarray(base).resize((213, 160), Image.BICUBIC)
-            img.save(root / f"class{c}" / f"{i:04d}.jpg", quality=90)
-    return str(root), "1024 synthetic JPEGs (no DATA, no imagenette160 cache)"
+        for i in range(count // 4):  # smooth random images, JPEG q90
+            base = rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)
+            Image.fromarray(base).resize((side, side * 3 // 4), Image.BICUBIC).save(root / f"class{c}" / f"{i:04d}.jpg",
+                                                                                     quality=90)
+    return str(root), f"{count} synthetic {side} px JPEGs (no DATA, no imagenette160)"
+
+
+def dali_figures(data: str, batch: int, hw_decoder_load: float, seconds: float, device="cuda") -> dict:
+    """The DALI loader (`mixed` decode on CUDA; its CPU graph on CPU, for tests) iterated for `seconds` after a
+    warm-up batch, epochs chained: source images/s and CPU ms of this process per image. The CPU time is
+    every host thread's: the feed, DALI's CPU stages and nvJPEG's host share (Huffman decoding of the
+    images the hardware decoder does not take)."""
+    from pipelines import build_loader
+    from pipelines.dali_backend import DecoderOptions
+    from pipelines.spec import SPEC_PRESETS
+
+    device = torch.device(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    loader = build_loader(data, SPEC_PRESETS["seed"], backend="dali", batch_size=batch, device=device,
+                          num_workers=cores(), decoder=DecoderOptions(hw_decoder_load=hw_decoder_load))
+    it = iter(loader)
+    next(it)
+    sync()
+    n, t0, cpu0 = 0, time.perf_counter(), time.process_time()
+    while time.perf_counter() < t0 + seconds:
+        try:
+            b = next(it)
+        except StopIteration:
+            loader.set_epoch(loader.epoch + 1)
+            it = iter(loader)
+            continue
+        n += len(b.labels)
+    sync()
+    wall, cpu_ms = time.perf_counter() - t0, 1000 * (time.process_time() - cpu0) / max(n, 1)
+    return dict(batch=batch, hw_decoder_load=hw_decoder_load, images_per_s=round(n / wall, 1),
+                host_cpu_ms_per_image=round(cpu_ms, 3), images_per_s_per_gpu_at_12_cores=round(12000 / cpu_ms),
+                views="2x224 + 6x98", threads=cores())
 
 
 def section_dali(args) -> None:
     if importable("nvidia.dali") is None:
         emit("dali", skipped="nvidia-dali not installed")
         return
-    from pipelines import build_loader
-    from pipelines.spec import SPEC_PRESETS
-
     data, what = _dali_data()
-    spec = SPEC_PRESETS["seed"]
-    for batch in (64, 256):
-        loader = build_loader(data, spec, backend="dali", batch_size=batch, device="cuda", num_workers=cores())
-        it = iter(loader)
-        next(it)
-        torch.cuda.synchronize()
-        n, t0 = 0, time.perf_counter()
-        deadline = t0 + (10 if not args.quick else 4)
-        while time.perf_counter() < deadline:
-            try:
-                b = next(it)
-            except StopIteration:
-                loader.set_epoch(loader.epoch + 1)
-                it = iter(loader)
-                continue
-            n += len(b.labels)
-        torch.cuda.synchronize()
-        emit("dali", data=what, batch=batch, images_per_s=round(n / (time.perf_counter() - t0), 1),
-             views="2x224 + 6x98", threads=cores())
-        del loader, it
+    # hw_decoder_load: DALI's default share for the A100/H100 JPEG engines, then every JPEG on them
+    for batch, load in ((64, 0.65), (256, 0.65), (256, 1.0)):
+        emit("dali", data=what, **dali_figures(data, batch, load, 10 if not args.quick else 4))
 
+    from pipelines.spec import SPEC_PRESETS
     from trainer import TrainConfig, run
+
+    spec = SPEC_PRESETS["seed"]
 
     with tempfile.TemporaryDirectory() as out:
         steps = 30 if not args.quick else 10

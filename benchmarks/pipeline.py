@@ -14,11 +14,23 @@ stdout, a JSON list in `--json`, a table appended to BENCHMARKS.md.
 
 Adding a backend: register a loader factory in LOADERS (and optionally a decode-only function in
 DECODE_ONLY); `ffcv` reads the `.beton` given by `--beton`.
+
+    python benchmarks/pipeline.py --host-cost --data .cache/data/imagenette160/train --beton X.beton \
+        [--host-batches 40] [--repeats 3] [--batch-size 64]
+
+`--host-cost` measures instead the host CPU work per source image of the two GPU paths, with their own
+code and this machine's CPU, as CPU time (all threads of the process; insensitive to other load, unlike
+wall-clock): DALI `mixed` = the loader's feed (read, `check_encoded`, sampler, packing; the GPU decodes
+and augments; nvJPEG's own host work is not in it: `make gpu-check` measures the whole on a GPU node);
+FFCV with colour on the device = its decoder in uint8 mode (decode, crop + resize, flip) plus the host
+part of the batch (sampler, colour-op plan). Each is turned into source images/s per GPU with 8, 12 and
+16 cores per GPU (cores / ms per image), and a table is appended to BENCHMARKS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -33,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.report import append_rows, emit, machine  # noqa: E402
 from pipelines import SPEC_PRESETS, available, build_loader  # noqa: E402
 from pipelines.sources import open_source  # noqa: E402
+from pipelines.threads import cpus_per_rank  # noqa: E402
 
 
 # ---- loaders -----------------------------------------------------------------------------------------
@@ -69,7 +82,7 @@ def decode_only_torchvision(args, device, seconds: float) -> float:
     """PIL decode (what the reference backend does per sample) in the same number of worker processes."""
     from torch.utils.data import DataLoader
 
-    workers = args.workers if args.workers is not None else min(os.cpu_count() or 1, 8)
+    workers = args.workers if args.workers is not None else cpus_per_rank()
     context = "forkserver" if workers and "nvidia.dali" in sys.modules else None
     dl = DataLoader(DecodeDataset(open_source(args.data)), batch_size=args.batch_size, shuffle=True, drop_last=True,
                     num_workers=workers, multiprocessing_context=context, persistent_workers=bool(workers))
@@ -83,7 +96,7 @@ def decode_only_dali(args, device, seconds: float) -> float:
 
     source = open_source(args.data)
     rng = np.random.default_rng(0)
-    threads = args.workers or min(os.cpu_count() or 1, 8)
+    threads = args.workers or cpus_per_rank()
 
     def feed(info):
         idx = rng.integers(0, len(source), args.batch_size)
@@ -113,7 +126,7 @@ def decode_only_ffcv(args, device, seconds: float) -> float:
     from ffcv.fields.decoders import CenterCropRGBImageDecoder, IntDecoder
     from ffcv.loader import Loader, OrderOption
 
-    threads = args.workers or min(os.cpu_count() or 1, 8)
+    threads = args.workers or cpus_per_rank()
     torch_threads = torch.get_num_threads()  # FFCV sets torch's thread count as it builds
     loader = Loader(args.beton, batch_size=args.batch_size, num_workers=threads, order=OrderOption.RANDOM,
                     drop_last=True, os_cache=True,
@@ -125,22 +138,25 @@ def decode_only_ffcv(args, device, seconds: float) -> float:
 DECODE_ONLY = {"torchvision": decode_only_torchvision, "dali": decode_only_dali, "ffcv": decode_only_ffcv}
 
 
+def dali_feed(args, spec):
+    """The DALI loader's feed alone (pipelines/dali_backend.Feed: read, check_encoded, sampler, packing), epochs
+    chained, one prepared batch per `next`: the host's share of the GPU path, without DALI itself."""
+    from pipelines.dali_backend import DaliLoader, Feed, indexed_steps
+
+    loader = DaliLoader(args.data, spec, args.batch_size, torch.device("cpu"))  # its pipeline is never built
+    for epoch in itertools.count():
+        feed = Feed(indexed_steps(loader.source, loader.epoch_batches(epoch), 0, loader.bad_files.add), spec,
+                    loader.seed, epoch)
+        try:
+            while True:
+                yield feed()
+        except StopIteration:
+            pass
+
+
 def feed_only_dali(args, device, seconds: float) -> float:
-    """The DALI loader's Python feed alone (read bytes, parse sizes, draw every view's parameters) on one
-    thread with the other cores idle: the most images/s one DALI loader can be fed, whatever the device."""
-    from types import SimpleNamespace
-
-    from pipelines.dali_backend import DaliLoader
-
-    loader = DaliLoader(args.data, SPEC_PRESETS[args.preset], args.batch_size, device)
-    plan = loader.next_pass()
-    loader._plan, loader.epoch_in_flight = plan, 0
-
-    def batches():
-        for i in range(len(plan)):
-            yield loader._feed(SimpleNamespace(iteration=i))
-
-    return _rate(batches, seconds, device)
+    """The most images/s one DALI loader can be fed (its feed thread, the other cores idle), whatever the device."""
+    return _rate(lambda: dali_feed(args, SPEC_PRESETS[args.preset]), seconds, device)
 
 
 FEED_ONLY = {"dali": feed_only_dali}
@@ -158,6 +174,74 @@ def _rate(make_iter, seconds: float, device) -> float:
             continue
         n += 1
     return n / (time.perf_counter() - start)  # batches/s; the caller scales by the batch size
+
+
+# ---- host cost of the GPU paths ------------------------------------------------------------------------
+
+def ffcv_host(args, spec):
+    """FFCV's GPU path up to the device: the decoder in uint8 mode (decode, crop + resize, flip, in FFCV's
+    numba threads) and the host part of each batch (the sampler's parameters, the colour-op plans)."""
+    from pipelines.ffcv_gpu import plan_group
+    from pipelines.params import NUM_PARAMS
+
+    loader = build_loader(args.beton, spec, backend="ffcv", batch_size=args.batch_size, device="cpu",
+                          num_workers=args.workers, colour_ops="torch")
+    g = spec.global_views
+    while True:  # each pass moves the loader to the next epoch
+        for _, _, label_keys in loader.raw_batches():
+            drawn = loader.drawn_params(label_keys)
+            plan_group(drawn[:, :g].reshape(-1, NUM_PARAMS))
+            plan_group(drawn[:, g:].reshape(-1, NUM_PARAMS))
+            yield
+
+
+HOST_COST = {"dali": ("DALI mixed: feed (read, check_encoded, sampler, packing)", "data", dali_feed),
+             "ffcv": ("FFCV, colour on the device: uint8 decoder + sampler + colour plan", "beton", ffcv_host)}
+CORES_PER_GPU = (8, 12, 16)
+
+
+def cpu_ms_per_image(batches, n: int, batch_size: int) -> float:
+    """CPU time of this process (every thread) per source image over `n` batches, after one warm-up batch."""
+    next(batches)
+    start = time.process_time()
+    for _ in range(n):
+        next(batches)
+    return 1000 * (time.process_time() - start) / (n * batch_size)
+
+
+def host_cost(args) -> list[dict]:
+    spec = SPEC_PRESETS[args.preset]
+    paths = [b for b in ("dali", "ffcv") if getattr(args, HOST_COST[b][1]) is not None]
+    if not paths:
+        raise SystemExit("--host-cost: give --data (DALI feed) and/or --beton (FFCV decoder)")
+    torch.set_num_threads(1)
+    runs = {b: [] for b in paths}
+    iters = {b: HOST_COST[b][2](args, spec) for b in paths}
+    for r in range(args.repeats):  # interleaved, as the throughput runs
+        for b in paths:
+            runs[b].append(cpu_ms_per_image(iters[b], args.host_batches, args.batch_size))
+            print(f"# run {r + 1}/{args.repeats} {b}: {runs[b][-1]:.3f} CPU ms per image", file=sys.stderr, flush=True)
+    results = []
+    for b in paths:
+        ms = statistics.median(runs[b])
+        rec = {"host_cost": b, "what": HOST_COST[b][0], "cpu_ms_per_image": round(ms, 4),
+               "runs": [round(x, 4) for x in runs[b]],
+               **{f"images_per_s_per_gpu_at_{c}_cores": round(1000 * c / ms) for c in CORES_PER_GPU},
+               "preset": args.preset, "batch_size": args.batch_size, "data": getattr(args, HOST_COST[b][1]),
+               "machine": machine()}
+        emit(rec)
+        results.append(rec)
+    if not args.no_md:
+        append_rows(
+            f"Host CPU cost per source image of the GPU paths ({args.preset}, batch {args.batch_size})",
+            ["path", "data", "CPU ms per image (runs)"] + [f"img/s per GPU at {c} cores" for c in CORES_PER_GPU],
+            [[r["what"], Path(r["data"]).name, f"{r['cpu_ms_per_image']} ({', '.join(map(str, r['runs']))})"]
+             + [r[f"images_per_s_per_gpu_at_{c}_cores"] for c in CORES_PER_GPU] for r in results],
+            note=f"CPU time of all threads over {args.host_batches} batches, median of {args.repeats} interleaved "
+                 "runs; img/s per GPU = cores / (ms per image), every core on this work. Target: 10,000 img/s "
+                 "per GPU (under 1.2 ms of one core per image at 12 cores per GPU).",
+        )
+    return results
 
 
 # ---- measurement -------------------------------------------------------------------------------------
@@ -226,7 +310,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--decode-seconds", type=float, default=None, help="decode-only run length (default --seconds/2)")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--no-md", action="store_true", help="do not append to BENCHMARKS.md (smoke runs)")
+    ap.add_argument("--host-cost", action="store_true",
+                    help="measure the host CPU cost per image of the GPU paths instead (module docstring)")
+    ap.add_argument("--host-batches", type=int, default=40, help="--host-cost: batches per run")
     args = ap.parse_args(argv)
+    if args.host_cost:
+        return host_cost(args)
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     for b in backends:

@@ -18,7 +18,8 @@ def machine() -> str:
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     cpu = platform.processor() or platform.machine()
-    return f"{os.cpu_count()} cores ({cpu}), {gpu}, torch {torch.__version__}"
+    # the cores this process may use (taskset, cgroups, SLURM), not the machine's count
+    return f"{len(os.sched_getaffinity(0))} cores ({cpu}), {gpu}, torch {torch.__version__}"
 
 
 def command() -> str:

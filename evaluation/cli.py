@@ -74,7 +74,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="write results as a JSON list here")
     parser.add_argument("--markdown", help="write the markdown table here")
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--num-workers", type=int, default=min(4, len(os.sched_getaffinity(0))))
     parser.add_argument("--cache-dir", default=".cache/features", help="feature cache ('' disables it)")
     parser.add_argument("--max-train-per-class", type=positive_int,
                         help="cap the train pool (first N per class; recorded in the output)")

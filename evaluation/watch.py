@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-train-per-class", type=positive_int)
     parser.add_argument("--max-test-per-class", type=positive_int)
     parser.add_argument("--batch-size", type=positive_int, default=128)
-    parser.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    parser.add_argument("--num-workers", type=int, default=min(4, len(os.sched_getaffinity(0))))
     parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     parser.add_argument("--threads", type=positive_int, help="torch CPU threads (beside a CPU training, e.g. 1)")
     args = parser.parse_args(argv)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from pipelines.batch import Batch
+from pipelines.batch import Batch, batch_device
 from pipelines.spec import SPEC_PRESETS, MultiCropSpec
 from pipelines.streaming import StreamOptions, is_remote
 
@@ -125,22 +125,25 @@ def build_loader(
     num_workers: int | None = None,
     drop_last: bool = True,
     stream: StreamOptions | None = None,
+    **options,
 ):
     """Build the multi-crop loader for `source`: an ImageFolder dir, webdataset tar(s) or a `.beton`
     (indexed), or shards to stream: http(s):// URLs and `pipe:COMMAND` always, local shards when `stream`
     is given (its options; URLs without it get the defaults). A streamed source is opened here, once per
-    rank (a ValueError naming it when it cannot be read), and handed to the backend as a `ShardStream`."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank (a ValueError naming it when it cannot be read), and handed to the backend as a `ShardStream`.
+    `options` go to the chosen backend's `build` (DALI: `decoder=DecoderOptions(...)`; FFCV: `order`,
+    `colour_ops`); `num_workers` defaults to this rank's CPUs (`pipelines.threads.cpus_per_rank`)."""
+    device = batch_device(device)
     name = resolve_backend(backend, source, device, stream is not None)
     module = importlib.import_module(f"pipelines.{name}_backend")
     if streamed(source, stream is not None):
         if not drop_last:
             raise ValueError(f"data source {str(source)!r}: a stream has no short last batch (drop_last=False)")
-        options = stream or StreamOptions()
-        source = options.stream(options.open(source), batch_size, rank, world_size, seed, epoch)
+        stream = stream or StreamOptions()
+        source = stream.stream(stream.open(source), batch_size, rank, world_size, seed, epoch)
     return module.build(
         source, spec, batch_size=batch_size, device=device, rank=rank, world_size=world_size,
-        seed=seed, epoch=epoch, num_workers=num_workers, drop_last=drop_last,
+        seed=seed, epoch=epoch, num_workers=num_workers, drop_last=drop_last, **options,
     )
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from common.io import fsync_dir  # noqa: E402
 from pipelines.sources import BadImage, decode_rgb, open_source, worker_start_method  # noqa: E402
+from pipelines.threads import cpus_per_rank  # noqa: E402
 
 
 class TorchvisionSource:
@@ -182,7 +183,7 @@ def convert(src: str | None, out: str | os.PathLike, max_resolution: int = 256, 
         raise ValueError(f"--jpeg-quality {jpeg_quality} must be in [1, 100]")
     if max_resolution < 8:
         raise ValueError(f"--max-resolution {max_resolution} must be >= 8")
-    num_workers = num_workers or os.cpu_count() or 1
+    num_workers = num_workers or cpus_per_rank()
     source = open_any(src, dataset, root, split)
 
     t0 = time.perf_counter()
@@ -225,7 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("paths", nargs="+", metavar="SRC OUT.beton", help="source (omit with --dataset) and output")
     ap.add_argument("--max-resolution", type=int, default=256, help="longest side stored (px)")
     ap.add_argument("--jpeg-quality", type=int, default=90)
-    ap.add_argument("--num-workers", type=int, default=None, help="processes (default: all cores)")
+    ap.add_argument("--num-workers", type=int, default=None, help="processes (default: the CPUs this process may use)")
     ap.add_argument("--split", default="train", help="SRC/<split> if it exists; the torchvision split")
     ap.add_argument("--dataset", default=None, help="torchvision dataset class, e.g. Flowers102")
     ap.add_argument("--root", default=None, help="local root of --dataset (never downloaded)")

@@ -1,42 +1,60 @@
 """NVIDIA DALI backend: one pipeline definition for both devices.
 
-- CUDA device: `fn.decoders.image(device="mixed")` (nvJPEG) decodes each image once; every crop, colour op,
-  blur, solarize, normalise and the stacking of views runs on the GPU; the batch is handed to
-  torch via DLPack, the training stream waiting on DALI's (no host copy, no copy at all).
+- CUDA device: `fn.decoders.image(device="mixed")` (nvJPEG; on A100/H100 a share `hw_decoder_load` of the
+  images goes to the hardware JPEG decoder) decodes each image once; every crop, colour op, blur, solarize,
+  normalise and the stacking of views runs on the GPU; the batch is handed to torch via DLPack, bound to
+  the training stream, which waits for DALI's work (no host sync, no host copy, no copy at all).
 - CPU device: the same graph; DALI picks each operator's CPU implementation from where its input lives.
-  No GPU-only operator is used (grey = `hsv` with saturation 0, solarize = `lookup_table`).
+  No GPU-only operator is used.
 
-Data and random choices come in through one `fn.external_source` fed from Python: the encoded bytes and
-labels of the samples that `sources.epoch_batches` assigns to this rank and step, and three small arrays
-per sample (int32 [V, NUM_INTS], float32 [V, NUM_FLOATS], bool [V, NUM_FLAGS]) that the graph slices
-per view. `graph_args` derives them, vectorised, from the common per-view parameters of
-pipelines/params.py (the sampler every backend reads; it needs the image size: parsed from the header,
-~30 us). So shuffling, sharding, drop_last, `set_epoch` and a mid-epoch resume are exact, the order and
-the random choices are the torchvision reference's, and a sample's views do not depend on the batch or
-step it lands in. (DALI's operator arguments are typed: a slice window or a mirror flag must be an
-integer tensor, a branch predicate a boolean one, hence three arrays rather than one.)
+The feed (`Feed`): the encoded bytes and labels of the samples that `sources.epoch_batches` assigns to this
+rank and step, and three small arrays per sample (int32 [V, NUM_INTS], float32 [V, NUM_FLOATS], bool
+[V, NUM_FLAGS]) that the graph slices per view, come in through one `fn.external_source`. A thread
+prepares them ahead of the pipeline, off the training thread: it reads the samples
+(`sources.read_replacing_bad` with `check_encoded`: bytes a plain RGB decoder accepts, and the image size
+from the header), draws every view's parameters with the sampler all backends share (pipelines/params.py)
+and derives the graph's arguments from them (`graph_args`, vectorised). The DALI callback only takes the next prepared step from
+a queue. Every step is a pure function of (seed, epoch, step), so running ahead changes nothing: shuffling,
+sharding, drop_last, `set_epoch` and a mid-epoch resume are exact, the order and the random choices are
+the torchvision reference's, and a sample's views do not depend on the batch or step it lands in. (DALI's
+operator arguments are typed: a slice window must be an integer tensor, a branch predicate a boolean one,
+hence three arrays rather than one.)
 
-Cost choices (CPU ms per image measured on 2 cores, see ../shared/DESIGN.md "Leads worth measuring"):
+The feed reads its steps from a *sample provider*: any iterator of `Step` (the step's checked encoded
+samples, labels, the sampler key of each sample, image sizes, and the position a checkpoint taken after
+that step records). `indexed_steps` is the provider of indexed sources (ImageFolder, tar shards read by
+offset). A streamed source plugs in as another provider (its samples in stream order, its sample ids as
+keys, its resumable state as positions); `DaliLoader.position` is the position of the last batch handed
+to the trainer (DALI returns batches in the order it was fed them), not the provider's, which runs ahead.
+
+Cost choices (CPU time per image on 2 cores, see ../shared/DESIGN.md "Leads worth measuring"; the resize
+is now about a third of it, blur a fifth):
 - decode once, cut 8 views from it;
-- colour ops only on views that are jittered or greyed (DALI conditionals split the batch), and on the
+- colour ops only on views that are jittered or greyed (a DALI conditional splits the batch), on the
   uint8 source crop *before* the resize whenever the crop is smaller than the view (local crops nearly
-  always are), after the resize otherwise;
+  always are), after it otherwise; `hsv` with float output, then `brightness_contrast` back to uint8:
+  DALI's uint8 `hsv` rounds every value through a libm call (over twice the cost of its float output), and a
+  non-jittered view gets identity arguments instead of another branch;
 - Gaussian blur window 2*ceil(3 sigma)+1 (capped at torchvision's kernel size for the view, whose
   truncation it then reproduces), and, when the crop is upsampled to the view, applied to the source
   crop with sigma scaled by crop/view (blur and DALI's colour ops are linear per pixel, so the order is
   free; blur-then-upsample equals upsample-then-blur up to sampling);
 - solarize as a conditional lookup table, only on the views that draw it;
-- views stacked inside the graph ([B, V, 3, H, W] leaves DALI in one piece, zero-copy via DLPack: the
-  dynamic executor never reuses an output buffer that torch still references).
-Measured (CPU ms per source image, seed recipe, imagenette160, 2 busy cores): this graph 5.8 (4.1 of it
-with every random op off; the Python feed is ~0.7 of that), the torchvision reference ~26-29.
+- views stay uint8 to the end: the mirror is the resize's (a reversed window), each group of views is
+  stacked in uint8 and normalised once ([B, V, 3, H, W] float leaves DALI in one piece, zero-copy via
+  DLPack: the dynamic executor never reuses an output buffer that torch still references).
+Measured on imagenette160, seed recipe, 2 loaded cores: ~5.0 ms of CPU per source image, 4-8 % less than
+the graph before the float `hsv` and uint8 stacking (interleaved A/B, minimum of 6-8 runs; callgrind: 3 %
+fewer instructions, the rest is memory traffic); the torchvision reference ~28. What remains is DALI's
+kernels: resize ~35 % of the instructions, blur ~20 %, colour ~16 %, normalise + stack ~15 %.
 
 Where DALI's colour maths differs from torchvision's (bounded in tests/test_pipelines.py and
 tests/test_cross_backend.py):
 - contrast pivots on the fixed mid-grey 128 (`brightness_contrast.contrast_center`) instead of the
-  image's mean grey; brightness and contrast are applied in one op without the intermediate clamp;
-- hue and saturation are one linear transform in a YIQ-like space (`fn.hsv`), not HSV, and always
-  after brightness/contrast (the drawn order P_ORDER is not followed);
+  image's mean grey;
+- hue and saturation are one linear transform in a YIQ-like space (`fn.hsv`), not HSV; with brightness
+  and contrast it makes one affine colour transform (the drawn order P_ORDER is not followed), clamped
+  to [0, 255] and rounded once at its end rather than after each op;
 - greyscale (`hsv` saturation 0) keeps the luma Y = .299R + .587G + .114B, as torchvision does;
 - resize is DALI's antialiased linear filter (torchvision: PIL's antialiased bilinear), and the blur
   window is the one above.
@@ -44,35 +62,40 @@ tests/test_cross_backend.py):
 
 from __future__ import annotations
 
+import collections
 import functools
-import os
+import queue
+import threading
 import warnings
+from dataclasses import asdict, dataclass
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import torch
 
-from pipelines.batch import Batch
+from pipelines.batch import Batch, batch_device
 from pipelines.params import (
     P_BLUR, P_BRIGHT, P_CONTRAST, P_FLIP, P_GRAY, P_H, P_HUE, P_JITTER, P_SAT, P_SIGMA, P_SOLAR, P_W, P_X, P_Y,
     sample_views,
 )
 from pipelines.sources import ShardedLoader, check_encoded, read_replacing_bad
 from pipelines.spec import MultiCropSpec
+from pipelines.threads import cpus_per_rank
 
 # The graph's per-view arguments (`graph_args`), one array per dtype. Columns:
 I_START, I_SHAPE = slice(0, 2), slice(2, 4)  # int32: crop top-left (y, x) and (h, w) in source pixels
-I_WINDOW, I_FLIP = slice(4, 6), 6  # blur window (y, x), odd; crop_mirror_normalize's mirror
-NUM_INTS = 7
+I_WINDOW = slice(4, 6)  # blur window (y, x), odd
+NUM_INTS = 6
 F_BRIGHT, F_CONTRAST, F_HUE, F_SAT = 0, 1, 2, 3  # float32: 1, 1, 0, 1 when not jittered; hue in degrees;
 F_SIGMA = slice(4, 6)  # saturation 0 greys; blur sigma (y, x) in the pixels of whichever image is blurred
-NUM_FLOATS = 6
-B_JITTER = 0  # bool branch predicates: brightness/contrast applies
-B_COLOUR_FIRST = 1  # jitter or grey, and the crop has fewer pixels than the view: colour, then resize
-B_COLOUR_AFTER = 2  # jitter or grey, and the crop is larger: resize, then colour
-B_BLUR_FIRST = 3  # blurred, and the crop is no larger than the view: blur at source scale
-B_BLUR_AFTER = 4  # blurred, and the crop is larger in some axis: blur the resized view
-B_SOLAR = 5
-NUM_FLAGS = 6
+F_ROI_START, F_ROI_END = slice(6, 8), slice(8, 10)  # the resize's window (y, x) in the crop: (0, 0) to
+NUM_FLOATS = 10  # (h, w), or (0, w) to (h, 0) to mirror the view
+B_COLOUR_FIRST = 0  # jitter or grey, and the crop has fewer pixels than the view: colour, then resize
+B_COLOUR_AFTER = 1  # jitter or grey, and the crop is larger: resize, then colour
+B_BLUR_FIRST = 2  # blurred, and the crop is no larger than the view in either axis: blur at source scale
+B_BLUR_AFTER = 3  # blurred, and the crop is larger in some axis: blur the resized view
+B_SOLAR = 4
+NUM_FLAGS = 5
 
 
 @functools.lru_cache(maxsize=64)
@@ -97,64 +120,176 @@ def graph_args(spec: MultiCropSpec, params: np.ndarray) -> tuple[np.ndarray, np.
     f_y, f_x = np.where(up, h / size, 1.0), np.where(up, w / size, 1.0)
     sigma = params[..., P_SIGMA]
     window = [2 * np.minimum(np.ceil(3 * sigma * f), np.maximum(1, np.round(half * f))) + 1 for f in (f_y, f_x)]
-    ints = np.stack([params[..., P_Y], params[..., P_X], h, w, *window, params[..., P_FLIP]], -1).astype(np.int32)
+    ints = np.stack([params[..., P_Y], params[..., P_X], h, w, *window], -1).astype(np.int32)
+    flip, zero = params[..., P_FLIP] != 0, np.zeros_like(h)
     floats = np.stack([
         np.where(jitter, params[..., P_BRIGHT], 1.0), np.where(jitter, params[..., P_CONTRAST], 1.0),
         np.where(jitter, params[..., P_HUE] * 360.0, 0.0),  # a fraction of a turn -> degrees
         np.where(grey, 0.0, np.where(jitter, params[..., P_SAT], 1.0)),
         sigma * f_y, sigma * f_x,
+        zero, np.where(flip, w, 0.0), h, np.where(flip, 0.0, w),
     ], -1).astype(np.float32)
-    flags = np.stack([jitter, colour & small, colour & ~small, blur & up, blur & ~up, params[..., P_SOLAR] != 0], -1)
+    flags = np.stack([colour & small, colour & ~small, blur & up, blur & ~up, params[..., P_SOLAR] != 0], -1)
     return ints, floats, flags
 
 
+# ---- the feed --------------------------------------------------------------------------------------------
+class Step(NamedTuple):
+    """One step's samples as a sample provider hands them to the `Feed`."""
+
+    encoded: list  # per sample, uint8 arrays of bytes a plain RGB decoder accepts (sources.check_encoded)
+    labels: np.ndarray  # int64 [B], -1 where unlabelled
+    keys: np.ndarray  # int [B]: the sampler's sample index of each (pipelines/params.py)
+    heights: np.ndarray  # int [B]: image sizes, which the crop windows are drawn for
+    widths: np.ndarray
+    position: object  # what a checkpoint taken after this step records
+
+
+def indexed_steps(source, plan: list[np.ndarray], first_step: int, on_bad) -> Iterator[Step]:
+    """The sample provider of an indexed source (`sources.Source`): the steps of `plan`, the first being
+    step `first_step` of the epoch; a step's position is the index of the step after it. An unreadable
+    image is replaced (`read_replacing_bad`); the replacement keeps its slot's key (its random choices),
+    drawn for the image it shows."""
+    for step, indices in enumerate(plan, first_step):
+        encoded, labels, heights, widths = [], [], [], []
+        for index in indices:
+            (data, h, w), used = read_replacing_bad(source, int(index), check_encoded, on_bad)
+            encoded.append(np.frombuffer(data, np.uint8))
+            labels.append(source.labels[used])
+            heights.append(h)
+            widths.append(w)
+        yield Step(encoded, np.asarray(labels, np.int64), np.asarray(indices), np.asarray(heights),
+                   np.asarray(widths), step + 1)
+
+
+_END = object()
+
+
+class Feed:
+    """The graph's inputs, prepared on a daemon thread up to `depth` steps ahead of the pipeline.
+
+    `steps` is a sample provider (an iterator of `Step`); the thread draws each step's view parameters
+    (`sample_views` at `epoch`) and packs them (`graph_args`). The DALI external_source callback (`__call__`,
+    on whichever thread runs the pipeline) only takes the next prepared step, and records its position in
+    `positions` (FIFO: DALI returns batches in the order it was fed). An error in the thread is raised by
+    the callback; `close()` stops the thread (a pass left mid-way)."""
+
+    def __init__(self, steps: Iterator[Step], spec: MultiCropSpec, seed: int, epoch: int, depth: int = 4):
+        self.spec, self.seed, self.epoch = spec, seed, epoch
+        self.positions: collections.deque = collections.deque()
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(steps,), daemon=True, name="dali-feed")
+        self._thread.start()
+
+    def _run(self, steps: Iterator[Step]) -> None:
+        try:
+            for step in steps:
+                params = sample_views(self.spec, self.seed, self.epoch, step.keys, step.heights, step.widths)
+                if not self._put(((step.encoded, step.labels, *graph_args(self.spec, params)), step.position)):
+                    return
+            self._put(_END)
+        except BaseException as e:  # noqa: BLE001 - raised again by the callback, on the pipeline's thread
+            self._put(e)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def __call__(self, info=None):
+        while True:
+            try:
+                item = self._queue.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive() and self._queue.empty():
+                    raise RuntimeError("the DALI feed thread ended without a result") from None
+        if item is _END:
+            self._queue.put(_END)  # DALI may ask again after the end (prefetch): answer the same
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        inputs, position = item
+        self.positions.append(position)
+        return inputs
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+# ---- the graph -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DecoderOptions:
+    """Knobs of the `mixed` (GPU) JPEG decoder, passed to `fn.decoders.image`; the CPU graph ignores them.
+    `pipelines.build_loader(..., decoder=DecoderOptions(...))`; `benchmarks/gpu_check.py` measures them."""
+
+    hw_decoder_load: float = 0.65  # share of the images sent to the A100/H100 hardware decoder (DALI's default)
+    preallocate_width_hint: int = 0  # largest image expected, for the hardware decoder's buffers (0: none)
+    preallocate_height_hint: int = 0
+    device_memory_padding: int = 16 << 20  # nvJPEG's device / pinned host buffers, preallocated per thread
+    host_memory_padding: int = 8 << 20
+    # DALI's default (True) pins each decoder thread to a core picked from the GPU's affinity, which ignores
+    # this rank's share of the node (SLURM binding, several ranks per node): let the OS place them.
+    affine: bool = False
+
+
 def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads: int, device_id: int | None,
-                    gpu: bool, seed: int):
+                    gpu: bool, seed: int, decoder: DecoderOptions = DecoderOptions()):
     """The one graph for both devices. `gpu` only changes where decoding happens (and so every op after)."""
     from nvidia.dali import fn, pipeline_def, types
 
-    solarize_lut = [255 - v if v >= spec.solarize_threshold else v for v in range(256)]
     on = spec.enabled_ops
     colour_on = "jitter" in on or "grayscale" in on
+
+    solarize_lut = [255 - v if v >= spec.solarize_threshold else v for v in range(256)]
 
     @pipeline_def(enable_conditionals=True, batch_size=batch_size, num_threads=num_threads,
                   device_id=device_id, seed=seed, prefetch_queue_depth=2, exec_dynamic=True)
     def multicrop():
         encoded, label, ints, floats, flags = fn.external_source(source=source_cb, num_outputs=5, batch=True,
                                                                  batch_info=True)
+        mixed = asdict(decoder) if gpu else {}
         image = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB,
-                                  adjust_orientation=False)
+                                  adjust_orientation=False, **mixed)
 
         def colour(img, v):
-            if "jitter" in on and flags[v, B_JITTER]:
-                img = fn.brightness_contrast(img, brightness=floats[v, F_BRIGHT],
-                                             contrast=floats[v, F_CONTRAST], contrast_center=128.0)
-            return fn.hsv(img, hue=floats[v, F_HUE], saturation=floats[v, F_SAT])
+            img = fn.hsv(img, hue=floats[v, F_HUE], saturation=floats[v, F_SAT], dtype=types.FLOAT)
+            return fn.brightness_contrast(img, brightness=floats[v, F_BRIGHT], contrast=floats[v, F_CONTRAST],
+                                          contrast_center=128.0, dtype=types.UINT8)
 
         def blur(img, v):
             return fn.gaussian_blur(img, sigma=floats[v, F_SIGMA], window_size=ints[v, I_WINDOW])
 
-        outs = []
+        views = []
         for v, view in enumerate(spec.views):
             # Branches of ops the spec switches off are not built at all (a conditional costs a split and
             # a merge of the batch even when no sample takes it).
             x = fn.slice(image, start=ints[v, I_START], shape=ints[v, I_SHAPE], axis_names="HW")
-            if "blur" in on and flags[v, B_BLUR_FIRST]:  # blur and DALI's colour ops are linear: order is free
-                x = blur(x, v)
             if colour_on and flags[v, B_COLOUR_FIRST]:
                 x = colour(x, v)
-            x = fn.resize(x, resize_x=view.size, resize_y=view.size, interp_type=types.INTERP_LINEAR, antialias=True)
+            if "blur" in on and flags[v, B_BLUR_FIRST]:  # blur and DALI's colour ops are linear: order is free
+                x = blur(x, v)
+            x = fn.resize(x, size=[view.size, view.size], roi_start=floats[v, F_ROI_START],
+                          roi_end=floats[v, F_ROI_END], interp_type=types.INTERP_LINEAR, antialias=True)
             if colour_on and flags[v, B_COLOUR_AFTER]:
                 x = colour(x, v)
             if "blur" in on and flags[v, B_BLUR_AFTER]:
                 x = blur(x, v)
             if "solarize" in on and flags[v, B_SOLAR]:
                 x = fn.lookup_table(x, keys=list(range(256)), values=solarize_lut, dtype=types.UINT8)
-            outs.append(fn.crop_mirror_normalize(
-                x, mirror=ints[v, I_FLIP], dtype=types.FLOAT, output_layout="CHW",
-                mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std]))
-        g = fn.stack(*outs[: spec.global_views])
-        loc = fn.stack(*outs[spec.global_views:]) if spec.local_views else g
+            views.append(x)
+
+        def normalise(group):  # uint8 [V, H, W, 3] -> float [V, 3, H, W]
+            return fn.crop_mirror_normalize(fn.stack(*group, axis_name="F"), dtype=types.FLOAT, output_layout="FCHW",
+                                            mean=[255 * m for m in spec.mean], std=[255 * s for s in spec.std])
+
+        g = normalise(views[: spec.global_views])
+        loc = normalise(views[spec.global_views:]) if spec.local_views else g
         if gpu:
             label = label.gpu()
         return g, loc, label
@@ -167,39 +302,29 @@ class DaliLoader(ShardedLoader):
 
     def __init__(self, source, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
-                 drop_last: bool = True):
-        super().__init__(source, spec, batch_size, torch.device(device), rank, world_size, seed, epoch, drop_last)
-        self.num_threads = max(1, num_workers if num_workers else min(os.cpu_count() or 1, 8))
+                 drop_last: bool = True, decoder: DecoderOptions | None = None, feed_depth: int = 4):
+        super().__init__(source, spec, batch_size, batch_device(device), rank, world_size, seed, epoch, drop_last)
+        self.num_threads = num_workers if num_workers and num_workers > 0 else cpus_per_rank()
         self.gpu = self.device.type == "cuda"
+        self.decoder = decoder or DecoderOptions()
+        self.feed_depth = feed_depth
+        self.position = None  # the position (see Step) of the last batch handed out
         self._pipe = None
-        self._plan: list[np.ndarray] = []
+        self._feed: Feed | None = None
         self._exhausted = True  # False while a pass is in flight: its prefetched batches would be stale
 
-    # -- feeding -------------------------------------------------------------------------------------
-    def _feed(self, info):
-        """external_source callback: the batch for iteration `info.iteration` of the current plan."""
-        if info.iteration >= len(self._plan):
-            raise StopIteration
-        indices = self._plan[info.iteration]
-        encoded, labels, heights, widths = [], [], [], []
-        for index in indices:
-            (data, h, w), used = read_replacing_bad(self.source, int(index), check_encoded, self.bad_files.add)
-            encoded.append(np.frombuffer(data, np.uint8))
-            labels.append(self.source.labels[used])
-            heights.append(h)
-            widths.append(w)
-        # A replaced sample keeps the random choices of its slot (index), drawn for the image it shows.
-        params = sample_views(self.spec, self.seed, self.epoch_in_flight, indices, heights, widths)
-        return (encoded, np.asarray(labels, np.int64), *graph_args(self.spec, params))
-
-    # -- iteration -----------------------------------------------------------------------------------
     def _build(self):
-        gpu_id = (self.device.index or 0) if self.gpu else None
-        pipe = define_pipeline(self.spec, self._feed, self.batch_size, self.num_threads, gpu_id, self.gpu, self.seed)
+        gpu_id = self.device.index if self.gpu else None
+        # The pipeline keeps this bound method for its life; it reads whichever feed the current pass has.
+        pipe = define_pipeline(self.spec, self._next_inputs, self.batch_size, self.num_threads, gpu_id, self.gpu,
+                               self.seed, self.decoder)
         with warnings.catch_warnings():  # a recipe with some ops off leaves an argument array unread (a few bytes)
             warnings.filterwarnings("ignore", message="The external source node .* not used")
             pipe.build()
         return pipe
+
+    def _next_inputs(self, info):
+        return self._feed(info)
 
     def _to_torch(self, out) -> torch.Tensor:
         # The views were stacked in the graph: one contiguous tensor per output. On the GPU, torch passes
@@ -207,29 +332,40 @@ class DaliLoader(ShardedLoader):
         return torch.from_dlpack(out.as_tensor())
 
     def __iter__(self):
-        self._plan = self.next_pass()
-        self.epoch_in_flight = self.epoch
+        first = self.start_step
+        plan = self.next_pass()
+        if self._feed is not None:
+            self._feed.close()
         if self._pipe is None or not self._exhausted:
             self._pipe = None  # a pass left mid-way holds stale prefetched batches: rebuild (~1.5 s)
             self._pipe = self._build()
+        self._feed = feed = Feed(indexed_steps(self.source, plan, first, self.bad_files.add), self.spec, self.seed,
+                                 self.epoch, self.feed_depth)
         self._exhausted = False
-        while True:
-            try:
-                outs = self._pipe.run()
-            except StopIteration:
-                self._pipe.reset()
-                self._exhausted = True
-                return
-            # Dynamic executor: outputs are reference-counted, so DLPack hands the stacked views to torch
-            # without a copy and DALI will not reuse that memory while the tensor lives.
-            tensors = [self._to_torch(out) for out in outs]
-            g, loc, labels = tensors
-            if not self.spec.local_views:
-                s = self.spec.local_size
-                loc = torch.empty(g.shape[0], 0, 3, s, s, device=self.device)
-            yield Batch(g, loc, labels)
+        try:
+            while True:
+                try:
+                    # On the GPU the outputs are bound to the training stream (it waits for DALI's work); without
+                    # a stream, run() would block the host until the batch is computed, every step.
+                    outs = self._pipe.run(torch.cuda.current_stream(self.device) if self.gpu else None)
+                except StopIteration:
+                    self._pipe.reset()
+                    self._exhausted = True
+                    return
+                # Dynamic executor: outputs are reference-counted, so DLPack hands the stacked views to torch
+                # without a copy and DALI will not reuse that memory while the tensor lives.
+                g, loc, labels = [self._to_torch(out) for out in outs]
+                if not self.spec.local_views:
+                    s = self.spec.local_size
+                    loc = torch.empty(g.shape[0], 0, 3, s, s, device=self.device)
+                self.position = feed.positions.popleft()
+                yield Batch(g, loc, labels)
+        finally:  # also when the consumer drops the pass mid-way: stop reading ahead
+            feed.close()
 
 
 def build(source, spec: MultiCropSpec, *, batch_size: int, device, rank: int = 0, world_size: int = 1,
-          seed: int = 0, epoch: int = 0, num_workers: int | None = None, drop_last: bool = True):
-    return DaliLoader(source, spec, batch_size, device, rank, world_size, seed, epoch, num_workers, drop_last)
+          seed: int = 0, epoch: int = 0, num_workers: int | None = None, drop_last: bool = True,
+          decoder: DecoderOptions | None = None):
+    return DaliLoader(source, spec, batch_size, device, rank, world_size, seed, epoch, num_workers, drop_last,
+                      decoder)

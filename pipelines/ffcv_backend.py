@@ -9,7 +9,11 @@ per batch whose first part is the contiguous global block [B,G,3,H,W] and the re
 On CUDA the decoder stops after crop + resize + flip (uint8), FFCV moves the batch with
 `ToDevice(non_blocking=True)`, and the colour ops run batched on the GPU (pipelines/ffcv_gpu.py) with the
 very same per-view random parameters (`colour_ops="torch"`; "auto" picks it on CUDA, "fused" on CPU; the
-torch path also runs on CPU tensors, which is how tests/test_ffcv.py checks it end to end).
+torch path also runs on CPU tensors, which is how tests/test_ffcv.py checks it end to end). They run on a
+side stream, so they overlap whatever the training stream still has queued, and the training stream
+waits for them with an event (no host sync). FFCV's thread makes this rank's GPU its current device
+(FFCV leaves it at GPU 0: every rank of a node would create a context there). `colour_ops="fused"` on
+CUDA fills pinned buffers and copies them without blocking.
 
 The pipeline, as FFCV declares it (ffcv-imagenet style):
     image -> MultiCropDecoder(spec, seed, uint8=on_gpu) [-> ToTensor -> ToDevice(device, non_blocking)]
@@ -29,6 +33,7 @@ antialiased bilinear, and colour ops run in float32 without rounding to uint8 be
 
 from __future__ import annotations
 
+import collections
 import itertools
 import os
 import queue
@@ -39,11 +44,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.batch import Batch
+from pipelines.batch import Batch, batch_device
 from pipelines.ffcv_ops import block_sizes, render_views
 from pipelines.params import EPOCH_SHIFT, INDEX_MASK, constants, draw_batch, make_key
 from pipelines.sources import ShardedLoader
 from pipelines.spec import MultiCropSpec
+from pipelines.threads import cpus_per_rank
 
 IMAGE_FIELD, LABEL_FIELD = "image", "label"
 ORDERS = ("random", "quasi_random")
@@ -208,8 +214,9 @@ class RecycledBuffers:
     hence a reference, of its buffer), or a new one when all are in use.
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype) -> None:
-        self.shape, self.dtype, self.buffers = tuple(shape), np.dtype(dtype), []
+    def __init__(self, shape: tuple[int, ...], dtype, pinned: bool = False) -> None:
+        # pinned: page-locked memory (for asynchronous copies to a GPU)
+        self.shape, self.dtype, self.pinned, self.buffers = tuple(shape), np.dtype(dtype), pinned, []
         self.buffers.append(np.empty(0, self.dtype))
         self._idle_refs = self._refs(0)  # the count of a buffer only the pool holds (same call path)
         self.buffers.clear()
@@ -221,7 +228,11 @@ class RecycledBuffers:
         for k in range(len(self.buffers)):
             if self._refs(k) <= self._idle_refs:
                 return self.buffers[k]
-        self.buffers.append(np.empty(self.shape, self.dtype))
+        if self.pinned:
+            self.buffers.append(torch.empty(self.shape, dtype=torch.from_numpy(np.empty(0, self.dtype)).dtype,
+                                            pin_memory=True).numpy())
+        else:
+            self.buffers.append(np.empty(self.shape, self.dtype))
         return self.buffers[-1]
 
 
@@ -268,9 +279,35 @@ def quasi_random_order(page_to_samples: dict, n: int, seed: int, epoch: int, win
     return np.concatenate([order, missing])
 
 
-def _next_output(iterator):
+def _epoch_iterator(loader, device: torch.device):
+    """FFCV 1.0.2's `Loader.__iter__`, with an EpochIterator whose thread makes `device` its current CUDA
+    device: a new thread starts on device 0, so FFCV's stream switches and events (and the CUDA context
+    they create) would land on GPU 0 for every rank of a node."""
+    from ffcv.loader.epoch_iterator import EpochIterator
+    from ffcv.pipeline.compiler import Compiler
+
+    class EpochIteratorOnDevice(EpochIterator):
+        def run(self):
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            super().run()
+
+    Compiler.set_num_threads(loader.num_workers)
+    order = loader.next_traversal_order()
+    selected = order[:len(loader) * loader.batch_size]
+    loader.next_epoch += 1
+    if loader.code is None or loader.recompile:
+        loader.generate_code()
+    if device.type == "cuda":  # its streams are made here, in the consumer's thread
+        with torch.cuda.device(device):
+            return EpochIteratorOnDevice(loader, selected)
+    return EpochIteratorOnDevice(loader, selected)
+
+
+def _next_output(iterator, stream=None):
     """FFCV's EpochIterator.__next__ (None at the end of the epoch), except that an exception in FFCV's
-    thread raises here instead of leaving the consumer waiting forever on the queue."""
+    thread raises here instead of leaving the consumer waiting forever on the queue. With CUDA, `stream`
+    (default: the current one) waits for FFCV's work on the batch."""
     while True:
         try:
             item = iterator.output_queue.get(timeout=0.5)
@@ -282,7 +319,7 @@ def _next_output(iterator):
         return None
     slot, result = item
     if torch.cuda.is_available():  # FFCV ran this batch on its own stream
-        torch.cuda.current_stream().wait_stream(iterator.cuda_streams[slot])
+        (stream or torch.cuda.current_stream()).wait_stream(iterator.cuda_streams[slot])
     return result
 
 
@@ -318,7 +355,8 @@ class FFCVLoader(ShardedLoader):
 
     def __init__(self, path, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
-                 drop_last: bool = True, order: str = "random", batches_ahead: int = 2, colour_ops: str = "auto"):
+                 drop_last: bool = True, order: str = "random", batches_ahead: int = 2, colour_ops: str = "auto",
+                 compile_colour: bool = False):
         _import_ffcv()
         from ffcv.loader import Loader, OrderOption
         from ffcv.pipeline import PipelineSpec
@@ -329,7 +367,7 @@ class FFCVLoader(ShardedLoader):
         if colour_ops not in ("auto", "fused", "torch"):
             raise ValueError(f"colour_ops={colour_ops!r}: valid are 'auto', 'fused', 'torch'")
         self._running = None  # before anything can fail: __del__ closes it
-        super().__init__(BetonSource.open(path), spec, batch_size, torch.device(device), rank, world_size, seed,
+        super().__init__(BetonSource.open(path), spec, batch_size, batch_device(device), rank, world_size, seed,
                          epoch, drop_last)
         self.path, self.order = str(path), order
         # "torch": FFCV makes uint8 views, the colour ops run batched in torch on `device` (auto on CUDA);
@@ -342,7 +380,7 @@ class FFCVLoader(ShardedLoader):
         pipelines = {name: None for name in self.source.field_names}  # other fields: not decoded
         pipelines[IMAGE_FIELD] = PipelineSpec(IMAGE_FIELD, MultiCropDecoder(spec, seed, uint8=self.gpu), to_gpu)
         pipelines[LABEL_FIELD] = PipelineSpec(LABEL_FIELD, LabelKeyDecoder())
-        workers = num_workers if num_workers and num_workers > 0 else min(os.cpu_count() or 1, 8)
+        workers = num_workers if num_workers and num_workers > 0 else cpus_per_rank()
         self._keys = _KeyOrder()
         # Building the Loader compiles the numba pipeline (~10 s cold; kernels are cached on disk).
         # FFCV's Compiler.set_num_threads also sets torch's thread count: keep the trainer's.
@@ -352,9 +390,17 @@ class FFCVLoader(ShardedLoader):
                               batches_ahead=batches_ahead)
         torch.set_num_threads(torch_threads)
         self._loader.traversal_order = self._keys
+        cuda = self.device.type == "cuda"
         if not self.gpu:  # the float views go into recycled buffers that each Batch owns while it lives
-            self._outputs = RecycledBuffers((batch_size, sum(block_sizes(constants(spec)))), np.float32)
+            self._outputs = RecycledBuffers((batch_size, sum(block_sizes(constants(spec)))), np.float32, pinned=cuda)
             _recycle_outputs(self._loader.graph, self._outputs)
+        self._copies: collections.deque = collections.deque()  # (event, host views) of copies in flight
+        self._colour = None
+        if self.gpu:
+            from pipelines.ffcv_gpu import ColourOps
+
+            self._colour = ColourOps(spec, self.device, compiled=compile_colour)
+        self._side = torch.cuda.Stream(self.device) if self.gpu and cuda else None
         outputs = list(self._loader.pipeline_specs)
         self._image_pos, self._label_pos = outputs.index(IMAGE_FIELD), outputs.index(LABEL_FIELD)
         self.batch_indices = np.zeros(0, np.int64)  # dataset indices of the batch last handed out
@@ -375,6 +421,15 @@ class FFCVLoader(ShardedLoader):
         return quasi_random_order(self._loader.memory_manager.page_to_samples, len(self.source), self.seed, epoch)
 
     def __iter__(self):
+        for step, images, label_keys in self.raw_batches():
+            batch = self._to_batch(images, label_keys)
+            self.start_step = step + 1  # where a checkpoint taken after this batch resumes
+            yield batch
+
+    def raw_batches(self):
+        """This pass as FFCV hands it over: (step, views, label_keys) per step, the views uint8 (GPU path)
+        or float (fused), still in FFCV's buffers. `__iter__` turns each into a Batch; benchmarks time this
+        alone (the CPU side of the GPU path). A finished pass moves the loader on to the next epoch."""
         self.close()
         epoch, start = self.epoch, self.start_step
         batches = self.epoch_batches(epoch, start)
@@ -383,16 +438,14 @@ class FFCVLoader(ShardedLoader):
         self._keys.keys = make_key(epoch, np.concatenate(batches))
         # The last batch may be short (drop_last=False); FFCV cuts the key list into batch_size chunks.
         torch_threads = torch.get_num_threads()
-        iterator = self._running = iter(self._loader)
+        iterator = self._running = _epoch_iterator(self._loader, self.device)
         torch.set_num_threads(torch_threads)
         try:
             for step in itertools.count(start):
-                out = _next_output(iterator)
+                out = _next_output(iterator, self._side)  # the colour stream waits for FFCV's copy
                 if out is None:
                     break
-                batch = self._to_batch(out[self._image_pos], out[self._label_pos])
-                self.start_step = step + 1  # where a checkpoint taken after this batch resumes
-                yield batch
+                yield step, out[self._image_pos], out[self._label_pos]
             self.epoch, self.start_step = epoch + 1, 0
         finally:  # also runs when the consumer drops the generator mid-epoch
             self.close()
@@ -401,21 +454,44 @@ class FFCVLoader(ShardedLoader):
         count = len(label_keys)
         keys = label_keys[:, 1].astype(np.uint64)
         self.batch_indices = (keys & np.uint64(INDEX_MASK)).astype(np.int64)
+        cuda = self.device.type == "cuda"
         labels = torch.from_numpy(label_keys[:, 0].copy())
+        labels = labels.pin_memory().to(self.device, non_blocking=True) if cuda else labels
         if not self.gpu:  # views made on the CPU; copied only when the device is a GPU (colour_ops="fused")
             g, loc = split_views(torch.from_numpy(images), count, self.spec)
-            return Batch(g.to(self.device), loc.to(self.device), labels.to(self.device))
-        from pipelines.ffcv_gpu import augment_views
-
-        # The very parameters the decoder drew for these samples (same sampler, same keys).
-        params = draw_batch(np.uint64(self.seed), keys, self.source.heights[self.batch_indices],
-                            self.source.widths[self.batch_indices], constants(self.spec))
-        params = torch.from_numpy(params).to(self.device, non_blocking=True)
+            if not cuda:
+                return Batch(g, loc, labels)
+            g, loc = g.to(self.device, non_blocking=True), loc.to(self.device, non_blocking=True)
+            self._keep_until_copied(images)
+            return Batch(g, loc, labels)
+        params = self.drawn_params(label_keys)
         g8, l8 = split_views(images, count, self.spec)
-        G = self.spec.global_views
-        g = augment_views(g8, params[:, :G], self.spec, self.spec.global_size)
-        loc = augment_views(l8, params[:, G:], self.spec, self.spec.local_size)
-        return Batch(g, loc, labels.to(self.device, non_blocking=True))
+        if self._side is None:  # CPU tensors (tests)
+            return Batch(*self._colour.both(g8, l8, params), labels)
+        main = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self._side):  # overlaps what the training stream still has queued
+            g, loc = self._colour.both(g8, l8, params)
+            done = self._side.record_event()
+        main.wait_event(done)
+        g.record_stream(main)  # made on the side stream, used on the training stream
+        loc.record_stream(main)
+        return Batch(g, loc, labels)
+
+    def drawn_params(self, label_keys: np.ndarray) -> np.ndarray:
+        """[B, V, P] (host): the very parameters the decoder drew for a batch's samples (same sampler, keys)."""
+        keys = label_keys[:, 1].astype(np.uint64)
+        indices = (keys & np.uint64(INDEX_MASK)).astype(np.int64)
+        return draw_batch(np.uint64(self.seed), keys, self.source.heights[indices], self.source.widths[indices],
+                          constants(self.spec))
+
+    def _keep_until_copied(self, images: np.ndarray) -> None:
+        """Hold the pinned host views of a non-blocking copy until it is done (`RecycledBuffers` hands a
+        buffer out again only once nothing refers to it); released by polling events, never by a sync."""
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        self._copies.append((event, images))
+        while self._copies and (self._copies[0][0].query() or len(self._copies) > 8):
+            self._copies.popleft()[0].synchronize()  # done already, or (rarely) too many in flight
 
     def close(self) -> None:
         """Stop FFCV's worker thread now. (Dropping its iterator is not enough: the thread keeps decoding
@@ -440,11 +516,12 @@ class FFCVLoader(ShardedLoader):
 
 def build(source, spec: MultiCropSpec, batch_size: int = 64, device=None, rank: int = 0, world_size: int = 1,
           seed: int = 0, epoch: int = 0, num_workers: int | None = None, drop_last: bool = True,
-          order: str = "random", colour_ops: str = "auto") -> FFCVLoader:
-    """`pipelines.build_loader(..., backend="ffcv")`: a multi-crop loader over a `.beton`."""
-    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-    return FFCVLoader(source, spec, batch_size, device, rank=rank, world_size=world_size, seed=seed, epoch=epoch,
-                      num_workers=num_workers, drop_last=drop_last, order=order, colour_ops=colour_ops)
+          order: str = "random", colour_ops: str = "auto", compile_colour: bool = False) -> FFCVLoader:
+    """`pipelines.build_loader(..., backend="ffcv")`: a multi-crop loader over a `.beton`. `compile_colour`:
+    torch.compile the GPU colour ops (pipelines/ffcv_gpu.py; the first batches wait for the compiler)."""
+    return FFCVLoader(source, spec, batch_size, batch_device(device), rank=rank, world_size=world_size, seed=seed,
+                      epoch=epoch, num_workers=num_workers, drop_last=drop_last, order=order, colour_ops=colour_ops,
+                      compile_colour=compile_colour)
 
 
 __all__ = ["build", "FFCVLoader", "open_beton", "split_views", "quasi_random_order", "EPOCH_SHIFT"]

@@ -170,7 +170,7 @@ def draw_view(seed, key, view, height, width, table, out):
     out[P_SOLAR] = 1.0 if uniform(seed, key, view, _SLOT_SOLAR) < c[C_SOLAR_P] else 0.0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # nogil: the DALI feed thread draws while the training thread runs
 def draw_batch(seed, keys, heights, widths, table):
     """[B, V, P] for a batch of sample keys (`make_key`) and image sizes."""
     out = np.empty((len(keys), table.shape[0], NUM_PARAMS), np.float64)

@@ -17,8 +17,6 @@ position stays exact.
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import functional as F
@@ -33,6 +31,7 @@ from pipelines.sources import (
 )
 from pipelines.spec import MultiCropSpec, View
 from pipelines.streaming import ShardStream
+from pipelines.threads import cpus_per_rank
 
 # ColorJitter's ops by their id in P_ORDER (brightness, contrast, saturation, hue); the factor is in column
 # P_BRIGHT + id.
@@ -162,7 +161,7 @@ def _data_loader(dataset, batch_sampler, workers: int, device: torch.device) -> 
 
 
 def _default_workers(num_workers: int | None) -> int:
-    return min(os.cpu_count() or 1, 8) if num_workers is None else num_workers
+    return cpus_per_rank() if num_workers is None else num_workers
 
 
 class TorchvisionStreamLoader(StreamedLoader):

@@ -415,11 +415,101 @@ def test_ffcv_on_cuda_matches_the_fused_cpu_loader(beton, loader0):
         on_gpu.set_epoch(4)
         for cpu, dev in zip(loader0, on_gpu):
             assert dev.global_views.is_cuda and dev.local_views.is_cuda and dev.labels.is_cuda
+            if colour_ops == "fused":  # copied without blocking from page-locked buffers
+                assert torch.from_numpy(on_gpu._outputs.buffers[0]).is_pinned()
             assert np.array_equal(loader0.batch_indices, on_gpu.batch_indices)
             for a, b in ((cpu.global_views, dev.global_views), (cpu.local_views, dev.local_views)):
                 diff = (a - b.cpu()).abs()
                 assert diff.mean() < 2e-3 and diff.max() < 0.05, colour_ops
         on_gpu.close()
+
+
+def test_ffcv_thread_makes_the_rank_device_current(loader0, monkeypatch):
+    """FFCV's epoch thread starts on CUDA device 0; ours makes the loader's device current first (else
+    every rank of a node would put a context on GPU 0). No GPU here: torch.cuda.set_device / device are
+    replaced by recorders and the real FFCV thread runs the CPU pipeline; test_ffcv_on_cuda_* runs it on
+    a GPU."""
+    import contextlib
+    import threading
+
+    from pipelines.ffcv_backend import _epoch_iterator, _next_output
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append((threading.current_thread(), d)))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    loader0.close()
+    loader0._keys.keys = params.make_key(0, np.arange(16))
+    it = _epoch_iterator(loader0._loader, torch.device("cuda", 1))
+    try:
+        assert _next_output(it) is not None
+        assert calls == [(it, torch.device("cuda", 1))]  # in FFCV's thread, before its first batch
+    finally:
+        it.terminate_event.set()
+        while it.is_alive():
+            while not it.output_queue.empty():
+                it.output_queue.get_nowait()
+            it.join(timeout=0.05)
+        it.close()
+
+
+@pytest.mark.slow  # torch.compile (inductor, C++) of the colour blocks: ~70 s on 2 cores
+def test_compiled_colour_ops_equal_eager():
+    from pipelines.ffcv_gpu import ColourOps, synthetic_views
+
+    spec = SPEC_PRESETS["cpu-small"].replace(jitter_p=0.8, grayscale_p=0.3, blur_p=0.5, solarize_p=0.3)
+    (g8, l8), drawn = synthetic_views(spec, 6, "cpu")
+    eager = ColourOps(spec, "cpu").both(g8, l8, drawn)
+    compiled = ColourOps(spec, "cpu", compiled=True).both(g8, l8, drawn)
+    for a, b in zip(eager, compiled):
+        assert (a - b).abs().max() < 1e-4
+
+
+def test_colour_plan_runs_each_jitter_op_once_in_its_drawn_position():
+    """The host-side work list: per order position, one affine op (brightness (f,0,0), contrast (f,0,1-f),
+    saturation (f,1-f,0), identity (1,0,0)) and the hue views; each jittered view meets each of its ops
+    exactly once, at the position its order gives (the numba op's definition, tested against it above)."""
+    from pipelines.ffcv_gpu import plan_group
+
+    drawn = params.draw_batch(np.uint64(3), params.make_key(0, np.arange(64)), np.full(64, 160), np.full(64, 213),
+                              params.constants(SPEC_PRESETS["seed"])).reshape(-1, params.NUM_PARAMS)
+    plan = plan_group(drawn)
+    n = len(drawn)
+    coef = plan.floats[: 12 * n].reshape(4, n, 3)
+    hue_rows = np.split(plan.ints[: sum(plan.hue_counts)], np.cumsum(plan.hue_counts)[:-1])
+    jitter = drawn[:, params.P_JITTER] != 0
+    assert jitter.any() and (~jitter).any()
+    for v in range(n):
+        order = drawn[v, params.P_ORDER:params.P_ORDER + 4].astype(int)
+        for position in range(4):
+            op = order[position] if jitter[v] else -1
+            f = drawn[v, params.P_BRIGHT + op] if op in (0, 1, 2) else 1.0
+            expected = {0: (f, 0, 0), 1: (f, 0, 1 - f), 2: (f, 1 - f, 0)}.get(op, (1, 0, 0))
+            assert np.allclose(coef[position, v], expected, atol=1e-6), (v, position)
+            assert (v in hue_rows[position]) == (op == 3 and drawn[v, params.P_HUE] != 0)
+    blurred = plan.ints[sum(plan.hue_counts):]
+    assert blurred.tolist() == np.flatnonzero(drawn[:, params.P_BLUR] != 0).tolist()
+
+
+@pytest.mark.gpu
+def test_device_colour_ops_make_no_host_sync():
+    """ColourOps on CUDA, eager and compiled: set_sync_debug_mode("error") raises on any device->host
+    sync; the parameters are uploaded from pinned memory without blocking."""
+    from pipelines.ffcv_gpu import ColourOps, synthetic_views
+
+    spec = SPEC_PRESETS["seed"]
+    (g8, l8), drawn = synthetic_views(spec, 32, "cuda")
+    for compiled in (False, True):
+        ops = ColourOps(spec, "cuda", compiled=compiled)
+        ops.both(g8, l8, drawn)  # compile, cuDNN plans
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            g, loc = ops.both(g8, l8, drawn)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        cpu = ColourOps(spec, "cpu").both(g8.cpu(), l8.cpu(), drawn)
+        for a, b in zip(cpu, (g, loc)):
+            assert (a - b.cpu()).abs().mean() < 2e-3  # TF32 convolutions in the GPU blur
 
 
 def test_importing_ffcv_through_us_keeps_torch_threads(beton):

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import io
 import math
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -375,6 +379,66 @@ def test_dali_abandoned_pass_then_new_epoch(small_folder):
     assert torch.equal(first(ld).global_views, first(fresh).global_views)
 
 
+@dali_only
+def test_dali_feed_runs_off_the_consumer_thread_and_tracks_positions(small_folder, monkeypatch):
+    """The graph's inputs are read, checked and packed by the feed thread ahead of the pipeline: the
+    consumer (the training thread) reads no file. `position` is that of the batch last handed out (the
+    feed runs ahead), and resuming there gives the rest of the epoch."""
+    ld = loader(small_folder, SMALL, "dali", batch_size=16, seed=2)
+    readers, read = set(), ld.source.read
+
+    def spy(i):
+        readers.add(threading.current_thread().name)
+        return read(i)
+
+    monkeypatch.setattr(ld.source, "read", spy)
+    full, positions = [], []
+    for batch in ld:
+        full.append(batch.global_views.clone())
+        positions.append(ld.position)
+    assert readers == {"dali-feed"}
+    assert positions == list(range(1, len(ld) + 1))
+    it = iter(ld)
+    next(it), next(it)
+    ld.set_epoch(0, start_step=ld.position)  # "checkpoint" after two batches, resume
+    rest = list(ld)
+    assert len(rest) == len(ld) - 2 and all(torch.equal(a.global_views, b) for a, b in zip(rest, full[2:]))
+
+
+@dali_only
+def test_dali_feed_error_reaches_the_consumer(tmp_path):
+    (tmp_path / "a").mkdir()
+    for k in range(20):
+        (tmp_path / "a" / f"{k:02d}.jpg").write_text("not an image\n")
+    with pytest.raises(RuntimeError, match="consecutive unreadable images"):
+        first(loader(tmp_path, SMALL, "dali", batch_size=8))
+
+
+def test_threads_follow_affinity_slurm_and_local_ranks(small_folder, monkeypatch):
+    """Loaders size their thread pools by this rank's CPUs: the affinity mask (taskset here), capped by
+    SLURM_CPUS_PER_TASK, split by LOCAL_WORLD_SIZE -- never os.cpu_count()."""
+    from pipelines.threads import cpus_per_rank
+
+    code = "import os; from pipelines.threads import cpus_per_rank; print(cpus_per_rank(), os.cpu_count())"
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_CPUS_PER_TASK", "LOCAL_WORLD_SIZE")}
+    out = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[0] == "1" and int(out[1]) == os.cpu_count()
+    cpus = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("SLURM_CPUS_PER_TASK", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert cpus_per_rank() == max(1, cpus // 2)
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "1")
+    assert cpus_per_rank() == 1
+    from pipelines.torchvision_backend import TorchvisionLoader
+
+    assert TorchvisionLoader(small_folder, SMALL, 16, torch.device("cpu")).num_workers == 1
+    if pipelines.available("dali"):
+        from pipelines.dali_backend import DaliLoader
+
+        assert DaliLoader(small_folder, SMALL, 16, torch.device("cpu")).num_threads == 1
+
+
 # ------------------------------------------------------------------------------------------------
 # Bad input
 
@@ -415,6 +479,36 @@ def test_odd_modes_are_converted(messy_folder):
     grey8 = decode_rgb((root / "b" / "grey.jpg").read_bytes())
     grey16 = decode_rgb((root / "b" / "grey16.png").read_bytes())
     assert abs(float(grey16.mean()) - float(grey8.mean())) < 3  # 16-bit scaled down, not clipped to white
+
+
+def test_jpeg_header_size_agrees_with_pil(imagenette, dtd10, messy_folder):
+    """check_encoded's marker walk (no PIL) gives PIL's size for plain 8-bit grey/RGB Huffman JPEGs, baseline
+    or progressive, with or without EXIF, and declines everything else (then PIL decides, as before)."""
+    from pipelines.sources import _plain_jpeg_size
+
+    files = sorted((imagenette / "val").glob("*/*.jpg"))[::7] + sorted((dtd10 / "train").glob("*/*.jpg"))[::5]
+    rgb = Image.open(files[0]).convert("RGB")
+    variants = {}
+    for name, kw in {"progressive": dict(progressive=True), "exif": dict(exif=rgb.getexif().tobytes()),
+                     "q30-420": dict(quality=30, subsampling=2)}.items():
+        buf = io.BytesIO()
+        rgb.save(buf, format="JPEG", **kw)
+        variants[name] = buf.getvalue()
+    buf = io.BytesIO()
+    rgb.convert("L").save(buf, format="JPEG")
+    variants["grey"] = buf.getvalue()
+    checked = 0
+    for data in [f.read_bytes() for f in files] + list(variants.values()):
+        with Image.open(io.BytesIO(data)) as img:
+            assert img.mode in ("RGB", "L")
+            assert _plain_jpeg_size(data) == (img.height, img.width)
+        assert check_encoded(data)[0] is data  # passed through untouched
+        checked += 1
+    assert checked > 150
+    root, _ = messy_folder
+    cmyk = (root / "a" / "cmyk.jpg").read_bytes()
+    assert _plain_jpeg_size(cmyk) is None and Image.open(io.BytesIO(check_encoded(cmyk)[0])).mode == "RGB"
+    assert _plain_jpeg_size(b"\xff\xd8" + b"\x00" * 64) is None
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -522,3 +616,36 @@ def test_preview_writes_view_grid(small_folder, tmp_path):
     out = main(["--data", str(small_folder), "--backend", "torchvision", "--preset", "cpu-small",
                 "--out", str(tmp_path / "views.png"), "--rows", "2"])
     assert Image.open(out).size == (8 * (SMALL.global_size + 4), 2 * (SMALL.global_size + 4))
+
+
+# ------------------------------------------------------------------------------------------------
+# `make gpu-check`'s pipeline sections (benchmarks/gpu_check.py): their measuring code, run here on CPU so that a
+# GPU day does not find it broken (on CUDA the same functions time the GPU)
+
+
+def test_gpu_check_pipeline_figures_run_on_cpu(small_folder, monkeypatch):
+    from benchmarks import gpu_check
+
+    monkeypatch.delenv("DATA", raising=False)
+    data, what = gpu_check._dali_data(count=8, side=500)  # photos the repository reaches, ImageNet-sized
+    images = sorted(Path(data).glob("*/*.jpg"))
+    assert len(images) == 8 and "upscaled to 500 px" in what and max(Image.open(images[0]).size) == 500
+    shutil.rmtree(data)
+    colour = gpu_check.ffcv_colour_figures("cpu", batch=2, compiled=False, repeats=1)
+    assert colour["batch"] == 2 and colour["ms_per_batch"] > 0 and colour["host_syncs"] is None
+    if pipelines.available("dali"):
+        dali = gpu_check.dali_figures(str(small_folder), batch=8, hw_decoder_load=0.65, seconds=1.0, device="cpu")
+        assert dali["images_per_s"] > 0 and dali["host_cpu_ms_per_image"] > 0
+
+
+def test_batch_device_names_the_cuda_device():
+    """A loader's threads must name the rank's GPU ("cuda" alone is the current device of the thread that
+    asks, and a new thread starts on device 0)."""
+    from pipelines.batch import batch_device
+
+    cuda = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    assert batch_device("cpu") == torch.device("cpu")
+    assert batch_device(None) == (cuda or torch.device("cpu"))
+    if cuda is not None:
+        assert batch_device("cuda") == cuda
+    assert batch_device(torch.device("cuda", 3)) == torch.device("cuda", 3)  # named: kept (no CUDA call)
