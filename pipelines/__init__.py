@@ -32,7 +32,7 @@ from pipelines.streaming import StreamOptions, is_remote
 BACKENDS = ("auto", "dali", "ffcv", "torchvision")
 # Backends whose `build` accepts a `streaming.ShardStream` as its source. FFCV never will (a .beton is read
 # with random access); DALI's feed of a stream is pending (its `build` does not take one yet).
-STREAMING_BACKENDS = ("torchvision",)
+STREAMING_BACKENDS = ("dali", "torchvision")
 
 
 def available(backend: str) -> bool:
@@ -87,8 +87,6 @@ def _choose(backend: str, source: str | Path, device: str | torch.device, stream
         if not available("ffcv"):
             raise ValueError(f"data source {str(source)!r} is a .beton but ffcv is not installed")
         return "ffcv", ".beton source"
-    if streamed(source, stream) and "dali" not in STREAMING_BACKENDS:
-        return "torchvision", "streamed shards"
     if available("dali"):
         return "dali", "CUDA device" if cuda else "no CUDA device"
     return "torchvision", "DALI not installed"

@@ -23,9 +23,10 @@ hence three arrays rather than one.)
 The feed reads its steps from a *sample provider*: any iterator of `Step` (the step's checked encoded
 samples, labels, the sampler key of each sample, image sizes, and the position a checkpoint taken after
 that step records). `indexed_steps` is the provider of indexed sources (ImageFolder, tar shards read by
-offset). A streamed source plugs in as another provider (its samples in stream order, its sample ids as
-keys, its resumable state as positions); `DaliLoader.position` is the position of the last batch handed
-to the trainer (DALI returns batches in the order it was fed them), not the provider's, which runs ahead.
+offset); `stream_steps` that of a streamed source (a `ShardStream`'s batches in stream order, its sample ids
+as keys; the stream's position is kept by `sources.StreamedLoader`). `DaliLoader.position` is the position
+of the last batch handed to the trainer (DALI returns batches in the order it was fed them), not the
+provider's, which runs ahead.
 
 Cost choices (CPU time per image on 2 cores, see ../shared/DESIGN.md "Leads worth measuring"; the resize
 is now about a third of it, blur a fifth):
@@ -78,8 +79,11 @@ from pipelines.params import (
     P_BLUR, P_BRIGHT, P_CONTRAST, P_FLIP, P_GRAY, P_H, P_HUE, P_JITTER, P_SAT, P_SIGMA, P_SOLAR, P_W, P_X, P_Y,
     sample_views,
 )
-from pipelines.sources import ShardedLoader, check_encoded, read_replacing_bad
+from pipelines.sources import (
+    ShardedLoader, StreamedLoader, check_encoded, decode_batch_replacing_bad, read_replacing_bad,
+)
 from pipelines.spec import MultiCropSpec
+from pipelines.streaming import ShardStream
 from pipelines.threads import cpus_per_rank
 
 # The graph's per-view arguments (`graph_args`), one array per dtype. Columns:
@@ -297,18 +301,15 @@ def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads
     return multicrop()
 
 
-class DaliLoader(ShardedLoader):
-    """Loader protocol (see pipelines/__init__.py) over one DALI pipeline, built once and reset per epoch."""
+class _DaliPasses:
+    """The DALI side of a loader, shared by the indexed and the streamed one: one pipeline, built once and
+    reset per pass, fed by a `Feed` over a sample provider."""
 
-    def __init__(self, source, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
-                 world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
-                 drop_last: bool = True, decoder: DecoderOptions | None = None, feed_depth: int = 4):
-        super().__init__(source, spec, batch_size, batch_device(device), rank, world_size, seed, epoch, drop_last)
+    def _init_dali(self, num_workers: int | None, decoder: DecoderOptions | None, feed_depth: int) -> None:
         self.num_threads = num_workers if num_workers and num_workers > 0 else cpus_per_rank()
         self.gpu = self.device.type == "cuda"
         self.decoder = decoder or DecoderOptions()
         self.feed_depth = feed_depth
-        self.position = None  # the position (see Step) of the last batch handed out
         self._pipe = None
         self._feed: Feed | None = None
         self._exhausted = True  # False while a pass is in flight: its prefetched batches would be stale
@@ -331,16 +332,15 @@ class DaliLoader(ShardedLoader):
         # its current stream to __dlpack__, so the training stream waits for DALI's work (no host sync).
         return torch.from_dlpack(out.as_tensor())
 
-    def __iter__(self):
-        first = self.start_step
-        plan = self.next_pass()
+    def _passes(self, steps: Iterator[Step], epoch: int):
+        """One pass over `steps` (a sample provider): the Batches, in feed order; `self._feed.positions`
+        holds the position of each batch fed and not yet taken."""
         if self._feed is not None:
             self._feed.close()
         if self._pipe is None or not self._exhausted:
             self._pipe = None  # a pass left mid-way holds stale prefetched batches: rebuild (~1.5 s)
             self._pipe = self._build()
-        self._feed = feed = Feed(indexed_steps(self.source, plan, first, self.bad_files.add), self.spec, self.seed,
-                                 self.epoch, self.feed_depth)
+        self._feed = feed = Feed(steps, self.spec, self.seed, epoch, self.feed_depth)
         self._exhausted = False
         try:
             while True:
@@ -358,14 +358,70 @@ class DaliLoader(ShardedLoader):
                 if not self.spec.local_views:
                     s = self.spec.local_size
                     loc = torch.empty(g.shape[0], 0, 3, s, s, device=self.device)
-                self.position = feed.positions.popleft()
                 yield Batch(g, loc, labels)
         finally:  # also when the consumer drops the pass mid-way: stop reading ahead
             feed.close()
 
 
+class DaliLoader(_DaliPasses, ShardedLoader):
+    """Loader protocol (see pipelines/__init__.py) over one DALI pipeline and an indexed source."""
+
+    def __init__(self, source, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
+                 drop_last: bool = True, decoder: DecoderOptions | None = None, feed_depth: int = 4):
+        ShardedLoader.__init__(self, source, spec, batch_size, batch_device(device), rank, world_size, seed, epoch,
+                               drop_last)
+        self._init_dali(num_workers, decoder, feed_depth)
+        self.position = None  # the position (see Step) of the last batch handed out
+
+    def __iter__(self):
+        first = self.start_step
+        plan = self.next_pass()
+        for batch in self._passes(indexed_steps(self.source, plan, first, self.bad_files.add), self.epoch):
+            self.position = self._feed.positions.popleft()
+            yield batch
+
+
+def stream_steps(batches, on_bad) -> Iterator[Step]:
+    """The sample provider of a streamed source: `StreamedLoader.next_pass()` batches in stream order. A
+    sample whose bytes do not decode is replaced within its batch (`decode_batch_replacing_bad`); every slot
+    keeps its own sample id as its key (its random choices). Positions are the StreamedLoader's (None here)."""
+    for samples in batches:
+        checked, used = decode_batch_replacing_bad([(s.data, s.name) for s in samples], check_encoded, on_bad)
+        yield Step([np.frombuffer(data, np.uint8) for data, _, _ in checked],
+                   np.asarray([samples[u].label for u in used], np.int64),
+                   np.asarray([s.sample_id for s in samples], np.int64),
+                   np.asarray([h for _, h, _ in checked]), np.asarray([w for _, _, w in checked]), None)
+
+
+class DaliStreamLoader(_DaliPasses, StreamedLoader):
+    """Loader protocol over one DALI pipeline and a `ShardStream` (sources.StreamedLoader keeps the position of
+    the last batch delivered; DALI returns batches in the order the feed read them)."""
+
+    def __init__(self, stream: ShardStream, spec: MultiCropSpec, device, num_workers: int | None = None,
+                 decoder: DecoderOptions | None = None, feed_depth: int = 4):
+        StreamedLoader.__init__(self, stream, spec, batch_device(device))
+        self._init_dali(num_workers, decoder, feed_depth)
+
+    def __iter__(self):
+        epoch = self.stream.epoch
+        for batch in self._passes(stream_steps(self.next_pass(), self.bad_files.add), epoch):
+            self._feed.positions.popleft()
+            self.delivered()
+            yield batch
+
+    def close(self) -> None:
+        if self._feed is not None:
+            self._feed.close()
+        super().close()
+
+
 def build(source, spec: MultiCropSpec, *, batch_size: int, device, rank: int = 0, world_size: int = 1,
           seed: int = 0, epoch: int = 0, num_workers: int | None = None, drop_last: bool = True,
           decoder: DecoderOptions | None = None):
+    """`source`: a path (indexed), or a `ShardStream` that `pipelines.build_loader` opened (streamed; its batch
+    size, sharding and seed are the stream's)."""
+    if isinstance(source, ShardStream):
+        return DaliStreamLoader(source, spec, device, num_workers, decoder)
     return DaliLoader(source, spec, batch_size, device, rank, world_size, seed, epoch, num_workers, drop_last,
                       decoder)

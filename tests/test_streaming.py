@@ -532,8 +532,8 @@ SPEC = SPEC_PRESETS["cpu-small"].replace(global_size=32, local_size=16, local_vi
 QUICK = StreamOptions(shuffle_buffer=10, retry_delay=0.01, timeout=5.0)
 
 
-def stream_loader(pattern, batch_size=4, options=QUICK, **kw):
-    return build_loader(pattern, SPEC, backend="auto", batch_size=batch_size, device="cpu", seed=3,
+def stream_loader(pattern, batch_size=4, options=QUICK, backend="torchvision", **kw):
+    return build_loader(pattern, SPEC, backend=backend, batch_size=batch_size, device="cpu", seed=3,
                         stream=options, **kw)
 
 
@@ -573,21 +573,42 @@ def test_streamed_loader_renders_the_streams_samples_with_the_one_parameter_samp
     assert not torch.equal(tensors(loader)[0][0], got[0][0])  # another epoch, another order and other views
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_streamed_loader_resumes_at_the_last_batch_taken_not_the_last_read(workers, shards):
-    """Workers read ahead (prefetch_factor 2 x 2 workers): the checkpointed position is the trainer's."""
-    ref = stream_loader(local(shards), num_workers=workers)
+@pytest.mark.dali
+def test_dali_reads_the_same_stream_with_the_same_random_views(shards, server, faults):
+    """DALI's feed takes the stream's batches (sources.StreamedLoader): same samples, same labels, and views
+    drawn from the same (seed, epoch, sample id) as the torchvision reference, up to DALI's documented
+    rendering differences (tests/test_cross_backend.py)."""
+    ref = tensors(stream_loader(local(shards), num_workers=0))
+    dali = stream_loader(http_pattern(server), backend="auto", num_workers=2)
+    assert type(dali).__name__ == "DaliStreamLoader"
+    got = tensors(dali)
+    assert len(got) == len(ref)
+    corr = []
+    for (g, loc, labels), (rg, rloc, rlabels) in zip(got, ref):
+        assert torch.equal(labels, rlabels)
+        for a, b in ((g, rg), (loc, rloc)):
+            x, y = a.flatten(2), b.flatten(2)  # [B, V, pixels]
+            x, y = x - x.mean(-1, keepdim=True), y - y.mean(-1, keepdim=True)
+            corr.append(((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-6)).flatten())
+    assert torch.cat(corr).median() > 0.9
+
+
+@pytest.mark.parametrize("backend, workers", [("torchvision", 0), ("torchvision", 2),
+                                              pytest.param("dali", 2, marks=pytest.mark.dali)])
+def test_streamed_loader_resumes_at_the_last_batch_taken_not_the_last_read(backend, workers, shards):
+    """Workers (or DALI's feed) read ahead: the checkpointed position is the trainer's."""
+    ref = stream_loader(local(shards), backend=backend, num_workers=workers)
     first = tensors(ref)
     ref.set_epoch(1)
     second = tensors(ref)
     for k in (1, 5):
-        a = stream_loader(local(shards), num_workers=workers)
+        a = stream_loader(local(shards), backend=backend, num_workers=workers)
         it = iter(a)
         head = [next(it) for _ in range(k)]
         state = roundtrip(a.state_dict())
         a.close()
         assert state["stream"]["emitted"] == 4 * k and state["counters"]["data/skipped_shards"] == 0
-        b = stream_loader(local(shards), num_workers=workers)
+        b = stream_loader(local(shards), backend=backend, num_workers=workers)
         b.load_state_dict(state)
         b.set_epoch(0, k)
         assert_same(tensors(head) + tensors(b), first)
@@ -649,9 +670,7 @@ def test_streams_and_backends(shards, tmp_path):
         build_loader("http://127.0.0.1:1/train-{000..007}.tar", SPEC, backend="ffcv", device="cpu")
     with pytest.raises(ValueError, match="FFCV .beton is read locally"):
         build_loader(str(tmp_path / "x.beton"), SPEC, backend="auto", device="cpu", stream=QUICK)
-    with pytest.raises(ValueError, match="backend 'dali' cannot read streamed shards"):
-        build_loader(pattern, SPEC, backend="dali", device="cpu", stream=QUICK)
-    assert describe_backend("auto", pattern, "cpu", stream=True).startswith("auto -> torchvision (streamed shards")
+    assert describe_backend("auto", pattern, "cpu", stream=True).startswith("auto -> dali (no CUDA device")
     with pytest.raises(ValueError, match="unknown scheme 's3'"):
         build_loader("s3://bucket/train-{000..007}.tar", SPEC, device="cpu")
     indexed = build_loader(pattern, SPEC, backend="torchvision", batch_size=4, device="cpu", num_workers=0)
