@@ -89,6 +89,12 @@ class TrainConfig:
     image_every: int = 100  # view grid to TensorBoard; 0 = never
     max_bad_steps: int = 10  # consecutive non-finite steps before the run stops as "diverged"
     signal_sync_every: int = 5  # DDP: steps between all-reduces that agree on a preemption signal
+    # Faults (trainer/faults.py): a rank waits this long for the others in a collective (process-group set-up
+    # included) and for its data loader, then exits naming the step; a failed checkpoint write is retried at
+    # the next checkpoint step, and this many failures in a row stop the run.
+    collective_timeout: float = 600.0  # seconds
+    data_timeout: float = 600.0  # seconds
+    max_ckpt_failures: int = 3
     spec: MultiCropSpec = field(default_factory=MultiCropSpec)
 
     def __post_init__(self) -> None:
@@ -164,6 +170,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, help="TensorBoard scalars every N steps")
     g.add_argument("--image-every", type=int, help="TensorBoard view grid every N steps (0 = never)")
     g.add_argument("--max-bad-steps", type=int, help="stop after K consecutive NaN/Inf steps (default 10)")
+    g.add_argument("--collective-timeout", type=float, metavar="SECONDS",
+                   help="DDP: how long a rank waits for the others in a collective (and at start-up) before it "
+                        "exits naming the operation and step (default 600)")
+    g.add_argument("--data-timeout", type=float, metavar="SECONDS",
+                   help="how long a rank waits for one batch from its data loader before it exits (default 600)")
+    g.add_argument("--max-ckpt-failures", type=int,
+                   help="a failed checkpoint write is retried at the next checkpoint step; stop after K failures "
+                        "in a row (default 3)")
     s = parser.add_argument_group("multi-crop spec (overrides of the preset's MultiCropSpec)")
     reference = MultiCropSpec()
     for name in SPEC_FLAGS:  # one flag per spec field: counts, sizes, ranges and every probability
@@ -253,13 +267,16 @@ def validate_config(cfg: TrainConfig, check_data: bool = True) -> None:
     if (cfg.steps is None) == (cfg.epochs is None):
         raise ValueError(f"give exactly one of --steps / --epochs (got steps={cfg.steps}, epochs={cfg.epochs})")
     for name in ("steps", "epochs", "batch_size", "accum_steps", "num_slices", "proj_dim", "hidden_dim",
-                 "log_every", "ckpt_every", "max_bad_steps", "signal_sync_every"):
+                 "log_every", "ckpt_every", "max_bad_steps", "signal_sync_every", "max_ckpt_failures"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
     for name in ("keep_ckpts", "image_every", "grad_clip"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("collective_timeout", "data_timeout"):
+        if not getattr(cfg, name) > 0:  # (NaN too)
+            raise ValueError(f"{_flag(name)} must be > 0 seconds, got {getattr(cfg, name)}")
     if cfg.warmup is not None and cfg.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
     if not cfg.lr > 0:

@@ -13,6 +13,11 @@ non-finite-step counters stay on the device and are read every `log_every` steps
 skips the update on the device (fused AdamW's `found_inf`, as GradScaler does); BatchNorm statistics are
 all-reduced without a host sync (models/batchnorm.py); ranks agree on a preemption signal over a CPU (gloo)
 group, which never waits for the GPU.
+
+Faults (trainer/faults.py): every collective and the process-group set-up time out after
+`--collective-timeout`, a rank's data loader after `--data-timeout`; the rank then exits with a line naming
+the operation and step, which `run(cfg, on_failure)` also hands to the launcher. A failed checkpoint write
+is retried at the next checkpoint step (trainer/checkpointing.py).
 """
 
 from __future__ import annotations
@@ -42,7 +47,9 @@ from models.batchnorm import globalise_batchnorm
 from models.checkpoint import atomic_open
 from pipelines import Batch, build_loader
 from pipelines.inspect import view_grid as pipeline_view_grid
-from trainer.checkpointing import Checkpointer, Progress, code_version, find_resume_checkpoint, restore
+from trainer import faults
+from trainer.checkpointing import (Checkpointer, CheckpointError, Progress, code_version, find_resume_checkpoint,
+                                   restore)
 from trainer.config import TrainConfig, resumed_config, validate_config, warmup_steps
 from trainer.plan import build_plan, format_plan
 
@@ -78,11 +85,15 @@ def setup_distributed(cfg: TrainConfig) -> Distributed:
         torch.backends.cudnn.benchmark = True
     owns_group, control = False, None
     if world > 1:
+        # --collective-timeout bounds the rendezvous and every collective: gloo raises in the waiting call;
+        # NCCL's watchdog aborts the communicator and ends the rank (async error handling) instead of hanging.
+        timeout = datetime.timedelta(seconds=cfg.collective_timeout)
+        if cuda:
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(minutes=10))
+            dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
             owns_group = True
-        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else dist.group.WORLD
     return Distributed(rank, world, device, owns_group, control)
 
 
@@ -319,14 +330,25 @@ class StepLog:
 # ------------------------------------------------------------------------------------------------ run
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train until cfg.steps/epochs, a preemption signal, or divergence. Returns a summary dict."""
+def run(cfg: TrainConfig, on_failure=None) -> dict:
+    """Train until cfg.steps/epochs, a preemption signal, or divergence. Returns a summary dict.
+
+    A failure (an exception, or a stall the watchdog ends) is handed to `on_failure(faults.Failure)` first:
+    rank, step, the operation under way and one line of why. An exception is then re-raised with that line."""
     validate_config(cfg)
-    dd = setup_distributed(cfg)
+    watch = faults.Watchdog(int(os.environ.get("RANK", 0)), cfg.data_timeout, cfg.collective_timeout, on_failure)
+    dd = None
     try:
-        return _train(cfg, dd)
+        dd = setup_distributed(cfg)
+        return _train(cfg, dd, watch.start())
+    except Exception as e:
+        failure = watch.failure(e)
+        e.add_note(failure.line())
+        watch.report(failure)
+        raise
     finally:
-        if dd.owns_group and dist.is_initialized():
+        watch.stop()
+        if dd is not None and dd.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -342,7 +364,7 @@ def _data_root(cfg: TrainConfig, dd: Distributed) -> str:
     return str(materialise() / "train")
 
 
-def _train(cfg: TrainConfig, dd: Distributed) -> dict:
+def _train(cfg: TrainConfig, dd: Distributed, watch: faults.Watchdog) -> dict:
     rank, world = dd.rank, dd.world
     out, data = Path(cfg.out), _data_root(cfg, dd)
     ckpt = find_resume_checkpoint(cfg)
@@ -392,12 +414,14 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
     def next_batch():
         nonlocal batches
         t0 = time.perf_counter()
+        watch.enter(faults.DATA, progress.step + 1)
         if progress.pos >= len(loader):  # epoch boundary: reshuffle
             progress.epoch, progress.pos = progress.epoch + 1, 0
             loader.set_epoch(progress.epoch)
             batches = iter(loader)
         batch = next(batches)
         progress.pos += 1
+        watch.enter(faults.STEP, progress.step + 1)
         log.wait += time.perf_counter() - t0
         return batch
 
@@ -412,6 +436,7 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
 
             # ---- logging: the only place figures leave the device
             if step % cfg.log_every == 0 or step == total:
+                watch.enter(faults.LOGGING, step)
                 figures, bad = training.read_window()
                 log.log(step, figures, training.scheduler.get_last_lr()[0])
                 if figures[SKIPPED]:
@@ -431,16 +456,20 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
                 writer.add_image("views", view_grid(batch, cfg.spec), step)
 
             # ---- checkpoints, preemption
+            watch.enter(faults.CHECKPOINT, step)
             if step % cfg.ckpt_every == 0 and step < total:
-                checkpointer.save(progress)
+                checkpointer.save(progress)  # a failed write is said and retried at the next checkpoint step
+            watch.enter(faults.SIGNAL_SYNC, step)
             if (world == 1 or step % cfg.signal_sync_every == 0 or step == total) and preempt.agreed(dd):
                 status = "preempted"  # every rank acts at the same agreed step, so they save together
                 checkpointer.save(progress)
                 if rank == 0:
                     tqdm.write(f"preempted at step {step}: checkpoint written to {out}")
                 break
-        if status == "done":
-            checkpointer.save(progress)
+        watch.enter(faults.CHECKPOINT, progress.step)
+        if status == "done" and not checkpointer.save(progress):
+            raise CheckpointError(f"the final checkpoint (step {progress.step}) could not be written; the run "
+                                  "resumes from the latest readable one")
         skipped += int(training.sums[SKIPPED].item())  # skipped since the last log (a preemption cut the window)
     finally:
         bar.close()
