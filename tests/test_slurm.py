@@ -321,6 +321,9 @@ def test_dry_run_cpu_tasks_and_array(capsys, tmp_path):
     (["--array", "lambd=0.1,7"], "--lambd must be in [0, 1]"),
     (["--arch", "vit_xxl"], "unknown arch 'vit_xxl'"),
     (["--cpus-per-task", "0"], "--cpus-per-task must be >= 1"),
+    (["--max-failures", "-1"], "--max-failures must be >= 0, got -1"),
+    (["--collective-timeout", "nan"], "--collective-timeout must be > 0 seconds"),
+    (["--data-timeout", "-1"], "--data-timeout must be > 0 seconds"),
     ([], "--data is required for a cluster run"),
 ])
 def test_bad_input_is_one_clear_error_before_submission(capsys, tmp_path, argv, message):

@@ -290,6 +290,9 @@ def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path, ima
     (["--lambd", "2"], "--lambd must be in [0, 1]"),
     (["--arch", "resnet18", "--patch-size", "8"], "--patch-size only applies to ViT"),
     (["--nproc", "0"], "--nproc must be >= 1"),
+    (["--collective-timeout", "-5"], "--collective-timeout must be > 0 seconds, got -5.0"),
+    (["--data-timeout", "0"], "--data-timeout must be > 0 seconds, got 0.0"),
+    (["--max-ckpt-failures", "0"], "--max-ckpt-failures must be >= 1, got 0"),
 ])
 def test_bad_flags_fail_before_any_work(tmp_path, capsys, flags, message):
     assert launcher_main(["--out", str(tmp_path / "x"), *flags]) == 2
