@@ -117,7 +117,8 @@ def describe_failure(reports: list[dict], world: int) -> dict:
         r = own[0]
         return {"rank": r["rank"], "step": r["step"], "phase": r["phase"], "kind": r["kind"], "why": r["message"]}
     if silent:
-        why = "ended without a report (killed, crashed, out of memory or stopped; srun's lines in the log say how)"
+        why = ("ended without a report (killed, crashed, out of memory or stopped: srun's lines in rank 0's log say "
+               "how)")
         if witness is not None:
             why += f"; rank {witness['rank']} saw {witness['kind']}: {witness['message']}"
             return {"rank": silent[0], "step": witness["step"], "phase": witness["phase"], "kind": witness["kind"],

@@ -430,8 +430,18 @@ def ledger(out: Path, job: str) -> dict:
     return json.loads((out / "slurm" / f"{job}_faults.json").read_text())
 
 
+def hit_rank_1(job: str, out: Path, sig: int) -> float:
+    """Send `sig` to rank 1 of `job` once its first checkpoint is written; returns when."""
+    pid = wait_until(lambda: checkpoint_steps(out) and rank_pid(job, 1), f"job {job}'s rank 1 after its first "
+                     "checkpoint", 400, poll=0.2)
+    os.kill(pid, sig)
+    return time.time()
+
+
 @pytest.fixture(scope="module")
 def fault_jobs(cluster, imagenette, tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
     root = tmp_path_factory.mktemp("slurm_faults")
     full = root / "full"  # a tmpfs with room for one checkpoint and a half: the second write fails
     full.mkdir()
@@ -447,10 +457,14 @@ def fault_jobs(cluster, imagenette, tmp_path_factory):
                                        **{"ckpt-every": 2, "max-ckpt-failures": 2})),
     }
     jobs = {name: f.job() for name, f in followed.items()}
-    yield jobs, outs, followed
-    subprocess.run(["scancel", *jobs.values()], capture_output=True)
-    for f in followed.values():
-        f.proc.kill()
+    # The faults, each as soon as its job has a checkpoint (the jobs run side by side)
+    with ThreadPoolExecutor(2) as pool:
+        hits = {"kill": pool.submit(hit_rank_1, jobs["kill"], outs["kill"], signal.SIGKILL),
+                "stop": pool.submit(hit_rank_1, jobs["stop"], outs["stop"], signal.SIGSTOP)}  # hangs, sockets open
+        yield jobs, outs, followed, hits
+        subprocess.run(["scancel", *jobs.values()], capture_output=True)
+        for f in followed.values():
+            f.proc.kill()
     wait_until(lambda: not any(squeue_state(j) for j in jobs.values()), "the fault jobs to leave the queue", 120)
     subprocess.run(root_cmd("umount", "-l", full), capture_output=True)
 
@@ -458,11 +472,9 @@ def fault_jobs(cluster, imagenette, tmp_path_factory):
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_a_killed_rank_brings_the_job_back_from_its_last_checkpoint(fault_jobs):
-    jobs, outs, followed = fault_jobs
+    jobs, outs, followed, hits = fault_jobs
     job, out, f = jobs["kill"], outs["kill"], followed["kill"]
-    pid = wait_until(lambda: checkpoint_steps(out) and rank_pid(job, 1), "rank 1 after the first checkpoint", 300,
-                     poll=0.2)
-    os.kill(pid, signal.SIGKILL)
+    hits["kill"].result(timeout=600)  # rank 1 killed (kill -9) after the first checkpoint
     assert f.wait(timeout=600) == 0, f.text()[-5000:]  # --wait followed the job through its requeue
 
     [failure] = ledger(out, job)["failures"]
@@ -491,12 +503,9 @@ def test_a_killed_rank_brings_the_job_back_from_its_last_checkpoint(fault_jobs):
 def test_a_hung_rank_makes_the_job_fail_within_the_collective_timeout_and_come_back(fault_jobs):
     import json
 
-    jobs, outs, followed = fault_jobs
+    jobs, outs, followed, hits = fault_jobs
     job, out, f = jobs["stop"], outs["stop"], followed["stop"]
-    pid = wait_until(lambda: checkpoint_steps(out) and rank_pid(job, 1), "rank 1 after the first checkpoint", 300,
-                     poll=0.2)
-    os.kill(pid, signal.SIGSTOP)  # alive, holding its sockets, answering nothing
-    stopped = time.time()
+    stopped = hits["stop"].result(timeout=600)  # rank 1 stopped (SIGSTOP): alive, sockets open, answering nothing
     assert f.wait(timeout=600) == 0, f.text()[-5000:]
 
     # rank 0 waited --collective-timeout in a collective, then said where and exited
@@ -517,7 +526,7 @@ def test_a_hung_rank_makes_the_job_fail_within_the_collective_timeout_and_come_b
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_a_failure_at_the_same_step_twice_stops_the_job_with_step_rank_and_log(fault_jobs):
-    jobs, outs, followed = fault_jobs
+    jobs, outs, followed, _ = fault_jobs
     job, out, f = jobs["repeat"], outs["repeat"], followed["repeat"]
     assert f.wait(timeout=900) == 1, f.text()[-5000:]
     text = f.text()
