@@ -138,7 +138,7 @@ def stop_reason(failures: list[dict], max_failures: int) -> str | None:
                     f"{prev['attempt'] + 1} did, with no checkpoint written in between: a failure that repeats at "
                     "the same step is a bug, not bad luck, so the job is not resubmitted")
     if len(failures) > max_failures:
-        return f"{len(failures)} failures, more than --max-failures {max_failures}"
+        return f"{len(failures)} failure(s), more than --max-failures {max_failures}"
     return None
 
 

@@ -194,8 +194,8 @@ def test_a_failure_that_repeats_at_the_same_step_stops_the_job_and_failures_are_
     assert stop_reason([failure(0, None, 6), failure(1, None, 6)], max_failures=3) is None  # step unknown
     four = [failure(i, 10 * i, 10 * i) for i in range(4)]
     assert stop_reason(four[:3], max_failures=3) is None
-    assert stop_reason(four, max_failures=3) == "4 failures, more than --max-failures 3"
-    assert stop_reason(four[:1], max_failures=0) == "1 failures, more than --max-failures 0"
+    assert stop_reason(four, max_failures=3) == "4 failure(s), more than --max-failures 3"
+    assert stop_reason(four[:1], max_failures=0) == "1 failure(s), more than --max-failures 0"
 
 
 def test_rank_reports_round_trip_per_attempt(tmp_path, monkeypatch):
