@@ -145,7 +145,8 @@ def stop_reason(failures: list[dict], max_failures: int) -> str | None:
 def failure_line(job: str, f: dict) -> str:
     where = f"step {f['step']}" if f["step"] is not None else "an unknown step"
     doing = f", {f['phase']}" if f.get("phase") else ""
-    return f"job {job} attempt {f['attempt'] + 1} failed at {where} (rank {f['rank']}{doing}): {f['why']}"
+    rank = f["rank"] if f["rank"] is not None else "unknown"
+    return f"job {job} attempt {f['attempt'] + 1} failed at {where} (rank {rank}{doing}): {f['why']}"
 
 
 class Supervisor:
@@ -181,7 +182,7 @@ class Supervisor:
         if reason is None:
             _write_json(self.path, self.ledger)
             resume = f"checkpoint step {failure['checkpoint']}" if failure["checkpoint"] is not None else "the start"
-            print(f"{line}; resubmitted (failure {len(failures)} of at most {task.max_failures}), resuming from "
+            print(f"\n{line}; resubmitted (failure {len(failures)} of at most {task.max_failures}), resuming from "
                   f"{resume}. log: {failure['log']}", file=sys.stderr, flush=True)
             if requeue:
                 self.requeue()
@@ -190,7 +191,7 @@ class Supervisor:
         self.ledger["stopped"] = message
         _write_json(self.path, self.ledger)
         self.leave_result(message)
-        print(message, file=sys.stderr, flush=True)
+        print(f"\n{message}", file=sys.stderr, flush=True)
         return 1
 
     def requeue(self) -> None:

@@ -546,3 +546,53 @@ def test_a_failure_at_the_same_step_twice_stops_the_job_with_step_rank_and_log(f
     assert re.search(stop, book["stopped"])
     assert checkpoint_steps(out) == [2] and not list(out.glob(".*.tmp"))
     assert sacct_states(job)[job] == "FAILED"
+
+
+def lose_node(node: str, job: str) -> None:
+    """`node` dies under `job`: its slurmd, the job's slurmstepd processes there and everything they run,
+    SIGKILLed at once (what a power cut leaves: slurmctld hears nothing more from the node)."""
+    victims = {int((STATE / "run" / f"slurmd-{node}.pid").read_text())}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = set((proc / "environ").read_bytes().split(b"\0")) if b"slurmstepd" not in cmd else set()
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if cmd.startswith(f"slurmstepd: [{job}.batch]".encode()):  # the batch step runs on the first node
+            victims.add(int(proc.name))
+        if {f"SLURMD_NODENAME={node}".encode(), f"SLURM_JOB_ID={job}".encode()} <= env:
+            victims |= {int(proc.name), parent}  # a process of the job there, and its slurmstepd
+    subprocess.run(root_cmd("kill", "-9", *victims), capture_output=True)  # (slurmd and slurmstepd are root's)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_lost_node_is_requeued_by_slurm_and_counted_as_a_failure(cluster, imagenette, tmp_path):
+    out = tmp_path / "run"
+    [job] = submit(train_flags(imagenette, out, FAULT_STEPS, nodes=2, **{"ckpt-every": FAULT_CKPT_EVERY}))
+    wait_until(lambda: checkpoint_steps(out) and rank_pid(job, 0), "the first checkpoint", 400, poll=0.2)
+    lose_node("node1", job)  # the batch host: no supervisor runs after srun, SLURM requeues the job (NODE_FAIL)
+    try:
+        wait_until(lambda: "down" in subprocess.run(["sinfo", "-h", "-n", "node1", "-o", "%T"], capture_output=True,
+                                                    text=True).stdout, "slurmctld to find node1 down", 180)
+    finally:  # the node comes back (ReturnToService=2)
+        subprocess.run(root_cmd("slurmd", "-f", STATE / "etc/slurm.conf", "-N", "node1"), check=True)
+
+    def attempts() -> list[str]:
+        return subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
+                              text=True).stdout.split()
+
+    wait_until(lambda: len(attempts()) == 2, "SLURM to requeue the job", 180)  # (sacct says NODE_FAIL first)
+    wait_done(job, out, timeout=600)
+    assert attempts() == ["NODE_FAIL", "COMPLETED"]
+    # the next attempt's supervisor counted it (--max-failures bounds node losses too) and said so
+    [failure] = ledger(out, job)["failures"]
+    c = failure["checkpoint"]
+    assert (failure["kind"], failure["rank"], failure["attempt"]) == ("node failure", None, 0) and c >= FAULT_CKPT_EVERY
+    log = run_log(out)
+    assert (f"job {job} attempt 1 failed at an unknown step (rank unknown): a node of the job failed (sacct: "
+            f"NODE_FAIL) and SLURM requeued it; resubmitted (failure 1 of at most 3), resuming from checkpoint "
+            f"step {c}") in log
+    assert f"resumed from {out}/checkpoint_{c:06d}.pt at step {c}" in log
+    assert loss_steps_per_attempt(out)[-1] == list(range(c + 1, FAULT_STEPS + 1))
