@@ -95,9 +95,13 @@ class TrainTask:
         report = supervisor.RankReport(paths.folder, paths.job_id, dist.rank)
         try:
             summary = trainer.run(self.cfg, on_failure=report.failed)
-        except SystemExit:  # submitit's SIGUSR1 handler requeued the job at its time limit, then exits
-            report.ended(supervisor.REQUEUE, "time limit: requeued by submitit")
+        except SystemExit as e:  # submitit's SIGUSR1 handler requeued the job at its time limit, then exits
+            if e.code == -1:
+                report.ended(supervisor.REQUEUE, "time limit: requeued by submitit")
             raise
+        except submitit.core.utils.UncompletedJobError as e:  # the time limit once more than --max-timeouts
+            report.ended(supervisor.STOP, str(e))
+            raise SystemExit(EXIT_FAILED) from None
         except Exception:
             traceback.print_exc()  # the whole story in this rank's log; the report has its one line
             raise SystemExit(EXIT_FAILED) from None
@@ -109,7 +113,8 @@ class TrainTask:
             print(f"rank {dist.rank}: checkpoint saved at step {step}; leaving the rest to SLURM", flush=True)
             raise SystemExit(EXIT_REQUEUE)
         if status != "done":
-            report.ended(supervisor.STOP, f"training stopped with status {status!r}: {summary}", step)
+            report.ended(supervisor.STOP, f"training ended with status {status!r} at step {step} (this rank's log "
+                                          "says why)", step)
             raise SystemExit(EXIT_FAILED)
         return summary
 

@@ -215,11 +215,12 @@ class Supervisor:
             return 0
         world = int(os.environ.get("SLURM_NTASKS", 1))
         reports = read_reports(self.folder, self.job, world, self.attempt)
-        if any(r["outcome"] == REQUEUE for r in reports):
+        stopped = any(r["outcome"] == STOP for r in reports)
+        if not stopped and any(r["outcome"] == REQUEUE for r in reports):
             return rc  # preempted, time limit or scancel: SLURM already has the job (it kills this script)
         failure = describe_failure(reports, world)
-        if any(r["outcome"] == STOP for r in reports):
-            failure["stop"] = "the trainer stopped the run itself; resubmitting would not change that"
+        if stopped:  # diverged, or out of --max-timeouts
+            failure["stop"] = "the run ended itself; resubmitting would not change that"
         return self.record(failure)
 
     def begin(self) -> int:

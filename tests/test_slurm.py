@@ -370,10 +370,11 @@ def test_wait_reports_a_job_that_fails_on_its_node(cluster, imagenette, tmp_path
 
 
 # ---------------------------------------------------------------------------- faults: failed attempts
-# Three jobs followed with --wait, submitted together: a rank killed (kill -9) after a checkpoint, a rank
-# stopped (SIGSTOP: it hangs, its peer times out in a collective), and a failure that repeats at the same
-# step (checkpoint writes on a full tmpfs --out, --max-ckpt-failures 2 in a row). launchers/supervisor.py
-# requeues the first two, which then finish; it stops the third after its second attempt.
+# Four jobs followed with --wait, submitted together: a rank killed (kill -9) after a checkpoint, a rank
+# stopped (SIGSTOP: it hangs, its peer times out in a collective), a failure that repeats at the same step
+# (checkpoint writes on a full tmpfs --out, --max-ckpt-failures 2 in a row) and a run that diverges.
+# launchers/supervisor.py requeues the first two, which then finish; it stops the third after its second
+# attempt and the fourth after its first.
 FAULT_STEPS, FAULT_CKPT_EVERY, COLLECTIVE_TIMEOUT = 16, 4, 20
 REPEAT_STEPS = 8
 CKPT_MB = 141  # one cpu-small checkpoint (ResNet-18 + AdamW state)
@@ -448,13 +449,16 @@ def fault_jobs(cluster, imagenette, tmp_path_factory):
     mount = subprocess.run(root_cmd("mount", "-t", "tmpfs", "-o", f"size={CKPT_MB * 3 // 2}m", "tmpfs", full),
                            capture_output=True, text=True)
     assert mount.returncode == 0, f"mounting a tmpfs needs root or sudo: {mount.stderr}"
-    outs = {"kill": root / "kill", "stop": root / "stop", "repeat": full / "run"}
+    outs = {"kill": root / "kill", "stop": root / "stop", "repeat": full / "run", "diverge": root / "diverge"}
     common = {"ckpt-every": FAULT_CKPT_EVERY, "collective-timeout": COLLECTIVE_TIMEOUT}
     followed = {
         "kill": Followed(train_flags(imagenette, outs["kill"], FAULT_STEPS, nodes=2, **common)),
         "stop": Followed(train_flags(imagenette, outs["stop"], FAULT_STEPS, nodes=2, **common)),
         "repeat": Followed(train_flags(imagenette, outs["repeat"], REPEAT_STEPS, nodes=1,
                                        **{"ckpt-every": 2, "max-ckpt-failures": 2})),
+        # lr 1e30: every step after the first is non-finite, the trainer stops the run itself (diverged)
+        "diverge": Followed(train_flags(imagenette, outs["diverge"], 20, nodes=1,
+                                        **{"lr": 1e30, "warmup": 0, "max-bad-steps": 2})),
     }
     jobs = {name: f.job() for name, f in followed.items()}
     # The faults, each as soon as its job has a checkpoint (the jobs run side by side)
@@ -546,6 +550,21 @@ def test_a_failure_at_the_same_step_twice_stops_the_job_with_step_rank_and_log(f
     assert re.search(stop, book["stopped"])
     assert checkpoint_steps(out) == [2] and not list(out.glob(".*.tmp"))
     assert sacct_states(job)[job] == "FAILED"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_run_the_trainer_stops_itself_is_not_resubmitted(fault_jobs):
+    jobs, outs, followed, _ = fault_jobs
+    job, out, f = jobs["diverge"], outs["diverge"], followed["diverge"]
+    assert f.wait(timeout=900) == 1, f.text()[-5000:]
+    stop = (rf"job {job} attempt 1 failed at step \d+ \(rank 0\): training ended with status 'diverged' at step \d+ "
+            r"\(this rank's log says why\)\. Stopped: the run ended itself; resubmitting would not change that")
+    assert re.search(stop, f.text()) and "2 consecutive non-finite steps" in f.text()
+    assert re.search(stop, ledger(out, job)["stopped"])
+    attempts = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
+                              text=True).stdout.split()
+    assert attempts == ["FAILED"]  # one attempt: no requeue
 
 
 def lose_node(node: str, job: str) -> None:

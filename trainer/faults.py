@@ -2,9 +2,9 @@
 
 - `Watchdog`: the training loop tells it what it is doing (`enter(phase, step)`: one attribute write, no
   device sync). Its thread ends the rank when a phase lasts too long: waiting for the data loader longer
-  than `--data-timeout`, or anything else longer than `--collective-timeout` + STALL_MARGIN_S (a backstop:
-  a stalled collective is normally ended first by the backend's own timeout, see
-  trainer.train.setup_distributed). A thread, because the main thread is then stuck inside a C call.
+  than `--data-timeout`, or, with several ranks, anything else longer than `--collective-timeout` +
+  STALL_MARGIN_S (a backstop: a stalled collective is normally ended first by the backend's own timeout,
+  see trainer.train.setup_distributed). A thread, because the main thread is then stuck inside a C call.
 - `Failure`: rank, step, phase, kind and message of a failure. `run(cfg, on_failure)` hands it to the
   launcher before the rank exits (launchers/slurm.py records it for launchers/supervisor.py, which decides
   whether the job comes back) and adds its line to the exception.
@@ -89,10 +89,11 @@ class Watchdog:
     """See the module docstring. `enter` swaps one tuple (atomic in CPython), so the thread never pairs a
     new phase with an old start time."""
 
-    def __init__(self, rank: int, data_timeout: float, collective_timeout: float, on_failure=None):
+    def __init__(self, rank: int, world: int, data_timeout: float, collective_timeout: float, on_failure=None):
         self.rank, self.on_failure = rank, on_failure
         self.limits = {DATA: data_timeout}
-        self.backstop = collective_timeout + STALL_MARGIN_S
+        # one process has no collective to time out, and its checkpoint write may take what it takes
+        self.backstop = collective_timeout + STALL_MARGIN_S if world > 1 else None
         self.state = (START_UP, 0, time.monotonic())
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="lejepa-watchdog", daemon=True)
@@ -128,7 +129,7 @@ class Watchdog:
                 print(f"rank {self.rank}: could not record the failure: {one_line(e)}", file=sys.stderr, flush=True)
 
     def _watch(self) -> None:
-        poll = min(1.0, min([*self.limits.values(), self.backstop]) / 10)
+        poll = min(1.0, min(v for v in [*self.limits.values(), self.backstop] if v is not None) / 10)
         while not self._stop.wait(poll):
             phase, step, since = self.state
             limit, waited = self.limit(phase), time.monotonic() - since

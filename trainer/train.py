@@ -336,7 +336,8 @@ def run(cfg: TrainConfig, on_failure=None) -> dict:
     A failure (an exception, or a stall the watchdog ends) is handed to `on_failure(faults.Failure)` first:
     rank, step, the operation under way and one line of why. An exception is then re-raised with that line."""
     validate_config(cfg)
-    watch = faults.Watchdog(int(os.environ.get("RANK", 0)), cfg.data_timeout, cfg.collective_timeout, on_failure)
+    watch = faults.Watchdog(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), cfg.data_timeout,
+                            cfg.collective_timeout, on_failure)
     dd = None
     try:
         dd = setup_distributed(cfg)
