@@ -19,7 +19,7 @@ SLURM's requeues, bounded by --max-timeouts; a job that `scancel` stops is never
    - the failure is at the same step as the previous one with no new checkpoint in between: a bug, not bad
      luck; or
    - it is failure number --max-failures + 1; or
-   - the trainer itself decided to stop (a diverged run);
+   - the run ended itself (diverged, or the time limit once more than --max-timeouts);
    then it prints why (step, rank, log path), leaves that as rank 0's submitit result (what `--wait` and
    `job.result()` report) and exits 1: the job ends FAILED.
 
