@@ -14,6 +14,11 @@ submitit's TorchDistributedEnvironment. SLURM sends SIGUSR1 `--signal-delay` sec
 (and a preempting scheduler sends SIGTERM or SIGUSR1): the trainer saves a checkpoint and chains to
 submitit's handler, which calls `TrainTask.checkpoint()` and requeues the job; the requeued job runs the same
 config with the same --out, and the trainer resumes from its latest checkpoint there.
+
+A failed attempt (a rank killed, crashed or out of memory, a node lost, a collective or the data loader
+timed out) is not a requeue SLURM makes by itself: srun gives the other ranks TASK_GRACE_S to report and
+exit, then launchers/supervisor.py, run by the sbatch script after srun, requeues the job (at most
+--max-failures times) or stops it with a message when the failure repeats at the same step.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ if __package__ in (None, ""):  # `python launchers/slurm.py` from a checkout: ma
 import submitit  # noqa: E402
 from submitit.slurm.slurm import _make_sbatch_string  # noqa: E402  (the function submitit submits with)
 
+from launchers import supervisor  # noqa: E402
+
 from trainer.config import DEMO_PRESET, TrainConfig, add_config_args, config_from_args, validate_config  # noqa: E402
 from trainer.plan import build_plan, data_visible, describe_source, format_plan  # noqa: E402
 
@@ -49,6 +56,10 @@ NO_CLUSTER_HINT = (f"To try this launcher on one machine, start the local test c
 # CPUs per GPU rank when --cpus-per-task is not given and sinfo cannot tell the node's CPUs and GPUs
 # (a dry run off the cluster): the loader's decode threads and the main thread of one GPU.
 DEFAULT_CPUS_PER_GPU = 8
+REPO = Path(__file__).resolve().parents[1]
+# srun --wait: once one rank has exited, the others get this long to say what they saw, then srun ends them
+# (a rank stopped or hung in a collective would otherwise hold the attempt until its time limit).
+TASK_GRACE_S = 60
 
 
 class LaunchError(Exception):
@@ -59,10 +70,15 @@ class LaunchError(Exception):
 # What runs on the nodes
 # --------------------------------------------------------------------------------------------------------
 class TrainTask:
-    """One SLURM task = one trainer rank. Submitit pickles this object into the job folder."""
+    """One SLURM task = one trainer rank. Submitit pickles this object into the job folder.
 
-    def __init__(self, cfg: TrainConfig):
-        self.cfg = cfg
+    How the rank's attempt ended goes to FOLDER/JOB_RANK_exit.json (launchers/supervisor.py reads it): the
+    trainer's failure report (step, operation, why), a requeue (preemption, time limit) or a stop (diverged).
+    A failure exits with trainer.faults.EXIT_FAILED without a submitit result file: the supervisor, not the
+    first rank to fail, decides whether the job is over."""
+
+    def __init__(self, cfg: TrainConfig, max_failures: int = 3):
+        self.cfg, self.max_failures = cfg, max_failures
 
     def __call__(self) -> dict:
         # CUDA_VISIBLE_DEVICES stays as SLURM set it: the trainer picks cuda:LOCAL_RANK itself.
@@ -70,18 +86,36 @@ class TrainTask:
         print(f"rank {dist.rank}/{dist.world_size} (local {dist.local_rank}) on {os.uname().nodename}, "
               f"master {dist.master_addr}:{dist.master_port}, restart {os.environ.get('SLURM_RESTART_COUNT', 0)}",
               flush=True)
-        import trainer  # imported here: the submitting process does not need the training stack
+        import traceback
 
-        summary = trainer.run(self.cfg)
-        status = summary.get("status")
+        import trainer  # imported here: the submitting process does not need the training stack
+        from trainer.faults import EXIT_FAILED, EXIT_REQUEUE
+
+        paths = submitit.JobEnvironment().paths
+        report = supervisor.RankReport(paths.folder, paths.job_id, dist.rank)
+        try:
+            summary = trainer.run(self.cfg, on_failure=report.failed)
+        except SystemExit as e:  # submitit's SIGUSR1 handler requeued the job at its time limit, then exits
+            if e.code == -1:
+                report.ended(supervisor.REQUEUE, "time limit: requeued by submitit")
+            raise
+        except submitit.core.utils.UncompletedJobError as e:  # the time limit once more than --max-timeouts
+            report.ended(supervisor.STOP, str(e))
+            raise SystemExit(EXIT_FAILED) from None
+        except Exception:
+            traceback.print_exc()  # the whole story in this rank's log; the report has its one line
+            raise SystemExit(EXIT_FAILED) from None
+        status, step = summary.get("status"), summary.get("step")
         if status == "preempted":
             # SIGTERM from SLURM (requeue, preemption or scancel): SLURM decides whether the job comes back.
             # Returning would write submitit's result file, which tells `job.result()` the job is over.
-            print(f"rank {dist.rank}: checkpoint saved at step {summary.get('step')}; leaving the rest to SLURM",
-                  flush=True)
-            raise SystemExit(3)
+            report.ended(supervisor.REQUEUE, "preempted: checkpoint saved", step)
+            print(f"rank {dist.rank}: checkpoint saved at step {step}; leaving the rest to SLURM", flush=True)
+            raise SystemExit(EXIT_REQUEUE)
         if status != "done":
-            raise RuntimeError(f"training stopped with status {status!r}: {summary}")
+            report.ended(supervisor.STOP, f"training ended with status {status!r} at step {step} (this rank's log "
+                                          "says why)", step)
+            raise SystemExit(EXIT_FAILED)
         return summary
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
@@ -90,7 +124,7 @@ class TrainTask:
         The resubmitted task is the same config with the same --out: the trainer resumes from the latest
         checkpoint it finds there, so nothing else needs to be carried over.
         """
-        return submitit.helpers.DelayedSubmission(TrainTask(self.cfg))
+        return submitit.helpers.DelayedSubmission(TrainTask(self.cfg, self.max_failures))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -128,6 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "slurmctld checks every 30 s, so it may come up to 30 s earlier (default 120)")
     s.add_argument("--max-timeouts", type=int, default=20,
                    help="requeues after hitting the time limit before giving up (preemptions do not count)")
+    s.add_argument("--max-failures", type=int, default=3,
+                   help="requeues after a failed attempt (a rank killed or crashed, a node lost, a collective or "
+                        "the data loader timed out) before giving up; a failure that repeats at the same step "
+                        "stops the job at once (default 3)")
     s.add_argument("--wait", action="store_true", help="follow the job, print its log, exit non-zero on failure")
     s.add_argument("--dry-run", action="store_true", help="print the sbatch script(s) and submit nothing")
     return p
@@ -272,11 +310,16 @@ def cpus_per_task(args: argparse.Namespace) -> tuple[int | None, str]:
     return found, f"sinfo: the node's CPUs / GPUs in {where}"
 
 
-def slurm_parameters(args: argparse.Namespace, num_jobs: int, cpus: int | None = None) -> dict:
-    """sbatch parameters in submitit's SlurmExecutor vocabulary (also what --dry-run renders)."""
+def slurm_parameters(args: argparse.Namespace, num_jobs: int, cpus: int | None = None,
+                     folder: Path = Path("slurm")) -> dict:
+    """sbatch parameters in submitit's SlurmExecutor vocabulary (also what --dry-run renders). `folder`:
+    submitit's, where the supervisor keeps the job's ledger."""
     tasks = tasks_per_node(args)
-    if args.signal_delay < 0 or args.max_timeouts < 0 or args.array_parallelism < 1:
-        raise LaunchError("--signal-delay and --max-timeouts must be >= 0, --array-parallelism >= 1")
+    for name in ("signal_delay", "max_timeouts", "max_failures"):
+        if getattr(args, name) < 0:
+            raise LaunchError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.array_parallelism < 1:
+        raise LaunchError(f"--array-parallelism must be >= 1, got {args.array_parallelism}")
     minutes = parse_time(args.time)
     if args.signal_delay >= minutes * 60:
         raise LaunchError(f"--signal-delay {args.signal_delay} s must be shorter than --time {args.time!r}")
@@ -286,8 +329,14 @@ def slurm_parameters(args: argparse.Namespace, num_jobs: int, cpus: int | None =
         ntasks_per_node=tasks,
         time=minutes,
         signal_delay_s=args.signal_delay,
-        # Threads per rank follow the CPUs SLURM gave it; the job must use the trainer's signal (see top).
-        setup=[f"export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{cpus or 1}}}", "export SUBMITIT_PREEMPT_SIGNAL=USR1"],
+        # Threads per rank follow the CPUs SLURM gave it; the job must use the trainer's signal (see top); the
+        # nodes import this checkout whatever the submit directory; the supervisor counts node failures.
+        setup=[f"export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-{cpus or 1}}}", "export SUBMITIT_PREEMPT_SIGNAL=USR1",
+               f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+               f"{supervisor_command('begin', folder)} || exit 1"],
+        # A failed rank does not end the step at once (TASK_GRACE_S); the supervisor then requeues or stops.
+        srun_args=["--kill-on-bad-exit=0", f"--wait={TASK_GRACE_S}"],
+        teardown=[f"{supervisor_command('end', folder)} $?"],
         # Requeueable even where the cluster's JobRequeue default is 0 (preemption, node failure, requeue).
         additional_parameters={"requeue": True},
     )
@@ -302,6 +351,10 @@ def slurm_parameters(args: argparse.Namespace, num_jobs: int, cpus: int | None =
     if num_jobs > 1:
         params["array_parallelism"] = args.array_parallelism
     return params
+
+
+def supervisor_command(action: str, folder: Path) -> str:
+    return " ".join([shlex.quote(sys.executable), "-m launchers.supervisor", action, shlex.quote(str(folder))])
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -347,14 +400,32 @@ def log_paths(job: submitit.Job) -> tuple[Path, Path]:
     return job.paths.stdout, job.paths.stderr
 
 
+# sacct states after which SLURM runs the job no more (unless it requeues it: then squeue lists it again)
+FINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED",
+                "DEADLINE", "BOOT_FAIL")
+
+
+def job_state(job_id: str) -> tuple[str, bool]:
+    """(sacct's state of the job's latest attempt, whether the job is over). An attempt can end FAILED or
+    NODE_FAIL and the job be requeued (the supervisor, SLURM): over means a final state and out of squeue."""
+    try:
+        lines = _run(["sacct", "-X", "-n", "-P", "-o", "State", "-j", job_id]).stdout.splitlines()
+        queue = _run(["squeue", "-h", "-o", "%T", "-j", job_id])
+    except subprocess.SubprocessError:
+        return "UNKNOWN", False
+    state = lines[-1].split()[0] if lines and lines[-1].strip() else "UNKNOWN"  # "CANCELLED by 0" -> CANCELLED
+    queued = bool(queue.stdout.strip()) or (queue.returncode != 0 and "Invalid job id" not in queue.stderr)
+    return state, state in FINAL_STATES and not queued
+
+
 def follow(jobs: list, poll_s: float = 3.0) -> bool:
-    """Print the first member's rank-0 log as it grows; report every member's end. True if all succeeded."""
+    """Print the first member's rank-0 log as it grows and its state changes; report every member's end.
+    A failed attempt that the supervisor requeues keeps its job id and log files: this follows it through
+    PENDING and RUNNING again until the job is over. True if every member completed."""
     stdout, stderr = log_paths(jobs[0])
     offsets = {stdout: 0, stderr: 0}
-    last_state = None
-    pending = list(jobs)
-    ok = True
-    while pending:
+
+    def print_new() -> None:
         for path in offsets:
             if path.exists():
                 with open(path, "rb") as f:
@@ -364,35 +435,32 @@ def follow(jobs: list, poll_s: float = 3.0) -> bool:
                 if chunk:
                     sys.stdout.write(chunk.decode(errors="replace"))
                     sys.stdout.flush()
-        state = jobs[0].state
-        if state != last_state and state != "UNKNOWN":  # UNKNOWN: sacct has not seen the job yet
-            print(f"[slurm.py] job {jobs[0].job_id}: {state}", flush=True)
-            last_state = state
+
+    last_state = None
+    pending = list(jobs)
+    ok = True
+    while pending:
+        print_new()
         for job in list(pending):
-            if job.done(force_check=True):
+            state, over = job_state(job.job_id)
+            if job is jobs[0] and state != last_state and state != "UNKNOWN":  # UNKNOWN: not in sacct yet
+                print(f"[slurm.py] job {job.job_id}: {state}", flush=True)
+                last_state = state
+            if over:
                 pending.remove(job)
-                ok &= report_end(job)
+                if job is jobs[0]:
+                    print_new()
+                ok &= report_end(job, state)
         if pending:
             time.sleep(poll_s)
     return ok
 
 
-def final_state(job, tries: int = 15) -> str:
-    """The job's state once sacct has recorded its end (the result file can appear a little earlier)."""
-    for _ in range(tries):
-        state = job.watcher.get_state(job.job_id, mode="force")
-        if state not in ("UNKNOWN", "PENDING", "RUNNING", "COMPLETING", "REQUEUED", "CONFIGURING"):
-            break
-        time.sleep(2)
-    return state
-
-
-def report_end(job) -> bool:
+def report_end(job, state: str) -> bool:
     stdout, stderr = log_paths(job)
     try:
         summary = job.results()[0]  # rank 0's summary (every task returns one)
-    except Exception as e:  # submitit raises the job's traceback, or why no result exists (cancelled, killed)
-        state = final_state(job)
+    except Exception as e:  # the supervisor's reason to stop, the job's traceback, or why no result exists
         print(f"[slurm.py] job {job.job_id} did not complete: state {state}\n  log: {stdout}\n  err: {stderr}\n"
               f"{str(e).strip()[-3000:]}", file=sys.stderr, flush=True)
         return False
@@ -436,11 +504,11 @@ def main(argv: list[str] | None = None) -> int:
         world = args.nodes * tasks_per_node(args)
         configs = build_configs(args, argv, parser, world)
         cpus, cpus_why = cpus_per_task(args)
-        params = slurm_parameters(args, len(configs), cpus)
-        require_data(configs)
-        plan = plans_text(configs, args, world, cpus, cpus_why)
         # submitit's pickles and logs, shared by array members: on a filesystem every node sees, like --out
         folder = Path(config_from_args(args).out).resolve() / "slurm"
+        params = slurm_parameters(args, len(configs), cpus, folder)
+        require_data(configs)
+        plan = plans_text(configs, args, world, cpus, cpus_why)
         if args.dry_run:
             print(sbatch_script(folder, params, len(configs)))
             for cfg in configs:
@@ -456,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     executor = make_executor(folder, params, args.max_timeouts)
     try:
         with executor.batch() if len(configs) > 1 else contextlib.nullcontext():
-            jobs = [executor.submit(TrainTask(cfg)) for cfg in configs]
+            jobs = [executor.submit(TrainTask(cfg, args.max_failures)) for cfg in configs]
     except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as e:
         hint = " (no GPUs on this cluster? --gpus-per-node 0 runs CPU tasks)" if "gres" in str(e) else ""
         print(f"slurm.py: error: sbatch refused the job: {str(e).strip()}{hint}", file=sys.stderr)

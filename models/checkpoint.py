@@ -23,6 +23,7 @@ from models.registry import ARCHS
 
 FORMAT = "lejepa-ckpt/1"
 _NAME = re.compile(r"^checkpoint_(\d+)\.pt$")
+_TEMP = re.compile(r"^\.checkpoint_\d+\.pt\..+\.tmp$")  # atomic_open's temp file of a checkpoint
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -48,14 +49,29 @@ def save_checkpoint(state: dict, run_dir: str | Path, step: int, keep: int = 3, 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = checkpoint_path(run_dir, step)
-    with atomic_open(final) as f:
-        torch.save(dict(state, format=FORMAT, step=step), f)
+    with atomic_open(final) as f:  # a failed write removes its temp file
+        try:
+            torch.save(dict(state, format=FORMAT, step=step), f)
+        except RuntimeError as e:  # torch reports a failed f.write as "unexpected pos ...": say what failed
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from e
+            raise
     fsync_dir(run_dir)  # make the rename itself durable
     if keep > 0:
         for old in list_checkpoints(run_dir)[:-keep]:
             if not (keep_every and int(_NAME.match(old.name).group(1)) % keep_every == 0):
                 old.unlink(missing_ok=True)
     return final
+
+
+def remove_temp_files(run_dir: str | Path) -> list[Path]:
+    """Delete the temp files of checkpoint writes that were killed mid-way (a failed write removes its own).
+    Call it only while no write to `run_dir` is under way."""
+    run_dir = Path(run_dir)
+    stale = [p for p in run_dir.iterdir() if _TEMP.match(p.name)] if run_dir.is_dir() else []
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 def _load_file(path: Path) -> dict:

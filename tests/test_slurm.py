@@ -12,8 +12,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -321,6 +323,9 @@ def test_dry_run_cpu_tasks_and_array(capsys, tmp_path):
     (["--array", "lambd=0.1,7"], "--lambd must be in [0, 1]"),
     (["--arch", "vit_xxl"], "unknown arch 'vit_xxl'"),
     (["--cpus-per-task", "0"], "--cpus-per-task must be >= 1"),
+    (["--max-failures", "-1"], "--max-failures must be >= 0, got -1"),
+    (["--collective-timeout", "nan"], "--collective-timeout must be > 0 seconds"),
+    (["--data-timeout", "-1"], "--data-timeout must be > 0 seconds"),
     ([], "--data is required for a cluster run"),
 ])
 def test_bad_input_is_one_clear_error_before_submission(capsys, tmp_path, argv, message):
@@ -362,3 +367,251 @@ def test_wait_reports_a_job_that_fails_on_its_node(cluster, imagenette, tmp_path
     assert p.returncode == 1
     assert re.search(r"job \d+ did not complete: state FAILED", p.stderr), p.stderr
     assert f"log: {tmp_path}/slurm/" in p.stderr and "ValueError" in p.stderr  # the node's traceback, last line
+
+
+# ---------------------------------------------------------------------------- faults: failed attempts
+# Four jobs followed with --wait, submitted together: a rank killed (kill -9) after a checkpoint, a rank
+# stopped (SIGSTOP: it hangs, its peer times out in a collective), a failure that repeats at the same step
+# (checkpoint writes on a full tmpfs --out, --max-ckpt-failures 2 in a row) and a run that diverges.
+# launchers/supervisor.py requeues the first two, which then finish; it stops the third after its second
+# attempt and the fourth after its first.
+FAULT_STEPS, FAULT_CKPT_EVERY, COLLECTIVE_TIMEOUT = 16, 4, 20
+REPEAT_STEPS = 8
+CKPT_MB = 141  # one cpu-small checkpoint (ResNet-18 + AdamW state)
+
+
+class Followed:
+    """`slurm.py ... --wait` running in the background; its output collected line by line."""
+
+    def __init__(self, args: list[str]):
+        self.proc = subprocess.Popen([sys.executable, LAUNCHER, *args, "--wait"], stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, cwd=REPO)
+        self.lines: list[str] = []
+        self.reader = threading.Thread(target=lambda: self.lines.extend(self.proc.stdout), daemon=True)
+        self.reader.start()
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def job(self) -> str:
+        m = wait_until(lambda: re.search(r"submitted job (\d+)", self.text()) or self.proc.poll() is not None,
+                       "the launcher to submit", 180, poll=0.5)
+        assert m is not True, self.text()
+        return m.group(1)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            pytest.fail(f"--wait did not return within {timeout:.0f} s:\n{self.text()[-5000:]}")
+        self.reader.join(timeout=10)
+        return rc
+
+
+def rank_pid(job: str, rank: int) -> int | None:
+    """Pid of the first attempt's trainer rank `rank` of `job` (its submitit process), from /proc."""
+    want = {f"SLURM_JOB_ID={job}".encode(), f"SLURM_PROCID={rank}".encode()}
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or b"submitit.core._submit" not in (proc / "cmdline").read_bytes():
+                continue
+            env = set((proc / "environ").read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if want <= env and not any(v.startswith(b"SLURM_RESTART_COUNT=") and v != b"SLURM_RESTART_COUNT=0"
+                                   for v in env):
+            return int(proc.name)
+    return None
+
+
+def ledger(out: Path, job: str) -> dict:
+    import json
+
+    return json.loads((out / "slurm" / f"{job}_faults.json").read_text())
+
+
+def hit_rank_1(job: str, out: Path, sig: int) -> float:
+    """Send `sig` to rank 1 of `job` once its first checkpoint is written; returns when."""
+    pid = wait_until(lambda: checkpoint_steps(out) and rank_pid(job, 1), f"job {job}'s rank 1 after its first "
+                     "checkpoint", 400, poll=0.2)
+    os.kill(pid, sig)
+    return time.time()
+
+
+@pytest.fixture(scope="module")
+def fault_jobs(cluster, imagenette, tmp_path_factory):
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = tmp_path_factory.mktemp("slurm_faults")
+    full = root / "full"  # a tmpfs with room for one checkpoint and a half: the second write fails
+    full.mkdir()
+    mount = subprocess.run(root_cmd("mount", "-t", "tmpfs", "-o", f"size={CKPT_MB * 3 // 2}m", "tmpfs", full),
+                           capture_output=True, text=True)
+    assert mount.returncode == 0, f"mounting a tmpfs needs root or sudo: {mount.stderr}"
+    outs = {"kill": root / "kill", "stop": root / "stop", "repeat": full / "run", "diverge": root / "diverge"}
+    common = {"ckpt-every": FAULT_CKPT_EVERY, "collective-timeout": COLLECTIVE_TIMEOUT}
+    followed = {
+        "kill": Followed(train_flags(imagenette, outs["kill"], FAULT_STEPS, nodes=2, **common)),
+        "stop": Followed(train_flags(imagenette, outs["stop"], FAULT_STEPS, nodes=2, **common)),
+        "repeat": Followed(train_flags(imagenette, outs["repeat"], REPEAT_STEPS, nodes=1,
+                                       **{"ckpt-every": 2, "max-ckpt-failures": 2})),
+        # lr 1e30: every step after the first is non-finite, the trainer stops the run itself (diverged)
+        "diverge": Followed(train_flags(imagenette, outs["diverge"], 20, nodes=1,
+                                        **{"lr": 1e30, "warmup": 0, "max-bad-steps": 2})),
+    }
+    jobs = {name: f.job() for name, f in followed.items()}
+    # The faults, each as soon as its job has a checkpoint (the jobs run side by side)
+    with ThreadPoolExecutor(2) as pool:
+        hits = {"kill": pool.submit(hit_rank_1, jobs["kill"], outs["kill"], signal.SIGKILL),
+                "stop": pool.submit(hit_rank_1, jobs["stop"], outs["stop"], signal.SIGSTOP)}  # hangs, sockets open
+        yield jobs, outs, followed, hits
+        subprocess.run(["scancel", *jobs.values()], capture_output=True)
+        for f in followed.values():
+            f.proc.kill()
+    wait_until(lambda: not any(squeue_state(j) for j in jobs.values()), "the fault jobs to leave the queue", 120)
+    subprocess.run(root_cmd("umount", "-l", full), capture_output=True)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_killed_rank_brings_the_job_back_from_its_last_checkpoint(fault_jobs):
+    jobs, outs, followed, hits = fault_jobs
+    job, out, f = jobs["kill"], outs["kill"], followed["kill"]
+    hits["kill"].result(timeout=600)  # rank 1 killed (kill -9) after the first checkpoint
+    assert f.wait(timeout=600) == 0, f.text()[-5000:]  # --wait followed the job through its requeue
+
+    [failure] = ledger(out, job)["failures"]
+    c = failure["checkpoint"]  # the last checkpoint when the attempt ended
+    assert (failure["rank"], failure["kind"]) == (1, "peer lost") and FAULT_CKPT_EVERY <= c < FAULT_STEPS, failure
+    text, log = f.text(), run_log(out)
+    assert "srun: error: node2: task 1: Killed" in log
+    assert (f"job {job} attempt 1 failed at step {failure['step']} (rank 1, {failure['phase']}): ended without a "
+            "report") in text
+    assert f"resubmitted (failure 1 of at most 3), resuming from checkpoint step {c}." in text
+    assert f"resumed from {out}/checkpoint_{c:06d}.pt at step {c}" in log
+    assert re.search(rf"\[slurm.py\] job {job}: (PENDING|REQUEUED).*\[slurm.py\] job {job}: RUNNING.*"
+                     rf"\[slurm.py\] job {job} done: step {FAULT_STEPS}", text, re.S)
+    # The killed attempt trained 1..k (k >= c, its last steps lost with it); the next one started right after
+    # the checkpoint: no step up to it was trained twice, and the run has every step.
+    first, second = loss_steps_per_attempt(out)
+    assert first == list(range(1, len(first) + 1)) and len(first) >= c
+    assert second == list(range(c + 1, FAULT_STEPS + 1))
+    from models.checkpoint import load_checkpoint
+
+    assert load_checkpoint(out)["step"] == FAULT_STEPS and sacct_states(job)[job] == "COMPLETED"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_hung_rank_makes_the_job_fail_within_the_collective_timeout_and_come_back(fault_jobs):
+    import json
+
+    jobs, outs, followed, hits = fault_jobs
+    job, out, f = jobs["stop"], outs["stop"], followed["stop"]
+    stopped = hits["stop"].result(timeout=600)  # rank 1 stopped (SIGSTOP): alive, sockets open, answering nothing
+    assert f.wait(timeout=600) == 0, f.text()[-5000:]
+
+    # rank 0 waited --collective-timeout in a collective, then said where and exited
+    seen = json.loads((out / "slurm" / f"{job}_0_exit.json").read_text())
+    assert seen["kind"] == "collective timeout" and seen["attempt"] == 0
+    assert COLLECTIVE_TIMEOUT - 1 <= seen["time"] - stopped <= COLLECTIVE_TIMEOUT + 30
+    assert (f"rank 0 failed at step {seen['step']} ({seen['phase']}): collective timeout: no answer from another "
+            "rank within --collective-timeout") in f.text()
+    [failure] = ledger(out, job)["failures"]
+    assert (failure["rank"], failure["step"], failure["kind"]) == (1, seen["step"], "collective timeout")
+    c = failure["checkpoint"]
+    assert f"resumed from {out}/checkpoint_{c:06d}.pt at step {c}" in run_log(out)
+    first, second = loss_steps_per_attempt(out)
+    assert len(first) >= c and second == list(range(c + 1, FAULT_STEPS + 1))
+    assert sacct_states(job)[job] == "COMPLETED"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_failure_at_the_same_step_twice_stops_the_job_with_step_rank_and_log(fault_jobs):
+    jobs, outs, followed, _ = fault_jobs
+    job, out, f = jobs["repeat"], outs["repeat"], followed["repeat"]
+    assert f.wait(timeout=900) == 1, f.text()[-5000:]
+    text = f.text()
+    # On the full disk the writes at steps 4 and 6 fail (no temp file left, checkpoint 2 stays the latest),
+    # the second failure in a row stops the attempt at step 6; the requeued attempt resumes from 2 and fails
+    # at step 6 again: the supervisor stops the job and says where, who, and which log.
+    assert text.count("checkpoint at step 4 not written (OSError: [Errno 28] No space left on device)") == 2
+    stop = (rf"job {job} attempt 2 failed at step 6 \(rank 0, checkpoint save \(gather \+ write\)\): CheckpointError: "
+            r"2 checkpoint writes in a row failed .*No space left on device\. Stopped: attempt 2 failed at step 6 "
+            r"exactly as attempt 1 did, with no checkpoint written in between: a failure that repeats at the same "
+            rf"step is a bug, not bad luck, so the job is not resubmitted\. log: {re.escape(str(out))}/slurm/{job}_0_log\.err")
+    assert len(re.findall(stop, text)) >= 2, text[-5000:]  # in the job's log, and in --wait's final report
+    assert re.search(rf"job {job} did not complete: state FAILED", text)
+    book = ledger(out, job)
+    assert [(x["attempt"], x["step"], x["checkpoint"], x["rank"]) for x in book["failures"]] == [(0, 6, 2, 0),
+                                                                                               (1, 6, 2, 0)]
+    assert re.search(stop, book["stopped"])
+    assert checkpoint_steps(out) == [2] and not list(out.glob(".*.tmp"))
+    assert sacct_states(job)[job] == "FAILED"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_run_the_trainer_stops_itself_is_not_resubmitted(fault_jobs):
+    jobs, outs, followed, _ = fault_jobs
+    job, out, f = jobs["diverge"], outs["diverge"], followed["diverge"]
+    assert f.wait(timeout=900) == 1, f.text()[-5000:]
+    stop = (rf"job {job} attempt 1 failed at step \d+ \(rank 0\): training ended with status 'diverged' at step \d+ "
+            r"\(this rank's log says why\)\. Stopped: the run ended itself; resubmitting would not change that")
+    assert re.search(stop, f.text()) and "2 consecutive non-finite steps" in f.text()
+    assert re.search(stop, ledger(out, job)["stopped"])
+    attempts = subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
+                              text=True).stdout.split()
+    assert attempts == ["FAILED"]  # one attempt: no requeue
+
+
+def lose_node(node: str, job: str) -> None:
+    """`node` dies under `job`: its slurmd, the job's slurmstepd processes there and everything they run,
+    SIGKILLed at once (what a power cut leaves: slurmctld hears nothing more from the node)."""
+    victims = {int((STATE / "run" / f"slurmd-{node}.pid").read_text())}
+    for proc in Path("/proc").iterdir():
+        try:
+            cmd = (proc / "cmdline").read_bytes()
+            env = set((proc / "environ").read_bytes().split(b"\0")) if b"slurmstepd" not in cmd else set()
+            parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if cmd.startswith(f"slurmstepd: [{job}.batch]".encode()):  # the batch step runs on the first node
+            victims.add(int(proc.name))
+        if {f"SLURMD_NODENAME={node}".encode(), f"SLURM_JOB_ID={job}".encode()} <= env:
+            victims |= {int(proc.name), parent}  # a process of the job there, and its slurmstepd
+    subprocess.run(root_cmd("kill", "-9", *victims), capture_output=True)  # (slurmd and slurmstepd are root's)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_lost_node_is_requeued_by_slurm_and_counted_as_a_failure(cluster, imagenette, tmp_path):
+    out = tmp_path / "run"
+    [job] = submit(train_flags(imagenette, out, FAULT_STEPS, nodes=2, **{"ckpt-every": FAULT_CKPT_EVERY}))
+    wait_until(lambda: checkpoint_steps(out) and rank_pid(job, 0), "the first checkpoint", 400, poll=0.2)
+    lose_node("node1", job)  # the batch host: no supervisor runs after srun, SLURM requeues the job (NODE_FAIL)
+    try:
+        wait_until(lambda: "down" in subprocess.run(["sinfo", "-h", "-n", "node1", "-o", "%T"], capture_output=True,
+                                                    text=True).stdout, "slurmctld to find node1 down", 180)
+    finally:  # the node comes back (ReturnToService=2)
+        subprocess.run(root_cmd("slurmd", "-f", STATE / "etc/slurm.conf", "-N", "node1"), check=True)
+
+    def attempts() -> list[str]:
+        return subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
+                              text=True).stdout.split()
+
+    wait_until(lambda: len(attempts()) == 2, "SLURM to requeue the job", 180)  # (sacct says NODE_FAIL first)
+    wait_done(job, out, timeout=600)
+    assert attempts() == ["NODE_FAIL", "COMPLETED"]
+    # the next attempt's supervisor counted it (--max-failures bounds node losses too) and said so
+    [failure] = ledger(out, job)["failures"]
+    c = failure["checkpoint"]
+    assert (failure["kind"], failure["rank"], failure["attempt"]) == ("node failure", None, 0) and c >= FAULT_CKPT_EVERY
+    log = run_log(out)
+    assert (f"job {job} attempt 1 failed at an unknown step (rank unknown): a node of the job failed (sacct: "
+            f"NODE_FAIL) and SLURM requeued it; resubmitted (failure 1 of at most 3), resuming from checkpoint "
+            f"step {c}") in log
+    assert f"resumed from {out}/checkpoint_{c:06d}.pt at step {c}" in log
+    assert loss_steps_per_attempt(out)[-1] == list(range(c + 1, FAULT_STEPS + 1))

@@ -440,6 +440,9 @@ def test_ddp_two_processes_match_one_process_on_the_combined_batch(tmp_path, ima
     (["--lambd", "2"], "--lambd must be in [0, 1]"),
     (["--arch", "resnet18", "--patch-size", "8"], "--patch-size only applies to ViT"),
     (["--nproc", "0"], "--nproc must be >= 1"),
+    (["--collective-timeout", "-5"], "--collective-timeout must be > 0 seconds, got -5.0"),
+    (["--data-timeout", "0"], "--data-timeout must be > 0 seconds, got 0.0"),
+    (["--max-ckpt-failures", "0"], "--max-ckpt-failures must be >= 1, got 0"),
     (["--data", "s3://bucket/train-{000..009}.tar"], "unknown scheme 's3'"),
     (["--data", "https://127.0.0.1:1/train-{000..009}.tar"], "cannot read any of its first 3 shard(s): "
                                                              "https://127.0.0.1:1/train-000.tar"),

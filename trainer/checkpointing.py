@@ -2,7 +2,9 @@
 state, the position in the data), the resume checks, and the exact restore.
 
 Format and atomic writes: models/checkpoint.py (shared with evaluation). Resume is exact: on CPU the losses
-after a kill -9 equal an uninterrupted run's.
+after a kill -9 equal an uninterrupted run's. A write that fails (full disk, I/O error) leaves the previous
+checkpoint the latest readable one and no temp file; the run goes on and writes at the next checkpoint step,
+and `--max-ckpt-failures` failures in a row stop it (CheckpointError).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from tqdm import tqdm
+
 from models import list_checkpoints, load_checkpoint, save_checkpoint
+from models.checkpoint import remove_temp_files
 from trainer.config import RESUME_MUST_MATCH, TrainConfig
 
 
@@ -91,20 +96,29 @@ def _gather(obj, world: int) -> list:
     return out
 
 
+class CheckpointError(RuntimeError):
+    """`--max-ckpt-failures` checkpoint writes in a row failed (or the final one did)."""
+
+
 class Checkpointer:
     """Saves the run's state: every rank contributes its RNG (and loader) state, rank 0 writes the file
-    atomically and keeps the last `cfg.keep_ckpts`."""
+    atomically and keeps the last `cfg.keep_ckpts`. Rank 0 first removes temp files that a killed write left."""
 
     def __init__(self, cfg: TrainConfig, rank: int, world: int, module, optimizer, scheduler, scaler, loader,
                  version: str):
         self.cfg, self.rank, self.world, self.version = cfg, rank, world, version
         self.module, self.optimizer, self.scheduler, self.scaler, self.loader = (
             module, optimizer, scheduler, scaler, loader)
+        self.failures = 0  # failed writes in a row
+        if rank == 0 and (stale := remove_temp_files(cfg.out)):
+            print(f"removed {len(stale)} temp file(s) of an interrupted checkpoint write from {cfg.out}", flush=True)
 
-    def save(self, progress: Progress, extra: dict | None = None) -> None:
-        """`extra`: run facts fixed during training (e.g. the total step count of a time budget)."""
+    def save(self, progress: Progress, extra: dict | None = None) -> bool:
+        """Write a checkpoint; False when the write failed (said in one line; the run may go on).
+        `extra`: run facts fixed during training (e.g. the total step count of a time budget)."""
         rngs = _gather(rng_state(), self.world)
         loader_states = _gather(self.loader.state_dict(), self.world) if hasattr(self.loader, "state_dict") else None
+        error = None
         if self.rank == 0:
             epoch, pos = progress.epoch, progress.pos
             if pos >= len(self.loader):  # the epoch is used up: resume at the start of the next
@@ -116,11 +130,27 @@ class Checkpointer:
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "scaler": self.scaler.state_dict(), "rng": rngs, "loader": loader_states,
                      "code_version": self.version, **(extra or {})}
-            # the checkpoints --eval-every evaluates are spared from rotation (a late watcher still finds them)
-            save_checkpoint(state, self.cfg.out, progress.step, keep=self.cfg.keep_ckpts,
-                            keep_every=self.cfg.eval_every)
-        if self.world > 1:
-            dist.barrier()
+            try:
+                # the checkpoints --eval-every evaluates are spared from rotation (a late watcher still finds them)
+                save_checkpoint(state, self.cfg.out, progress.step, keep=self.cfg.keep_ckpts,
+                                keep_every=self.cfg.eval_every)
+            except OSError as e:  # full disk, quota, I/O error: the temp file is gone, the previous file stands
+                error = f"{type(e).__name__}: {e}"
+        error = _gather(error, self.world)[0]  # rank 0's outcome on every rank (and the barrier after the write)
+        if error is None:
+            self.failures = 0
+            return True
+        self.failures += 1
+        if self.rank == 0:
+            latest = list_checkpoints(self.cfg.out)
+            tqdm.write(f"checkpoint at step {progress.step} not written ({error}); the latest readable is "
+                       f"{latest[-1] if latest else 'none'}; training goes on and retries at the next checkpoint "
+                       f"step ({self.failures} failure(s) in a row, limit --max-ckpt-failures "
+                       f"{self.cfg.max_ckpt_failures})")
+        if self.failures >= self.cfg.max_ckpt_failures:
+            raise CheckpointError(f"{self.failures} checkpoint writes in a row failed (limit --max-ckpt-failures "
+                                  f"{self.cfg.max_ckpt_failures}), the last at step {progress.step}: {error}")
+        return False
 
 
 def restore(ckpt: dict, module, optimizer, scheduler, scaler, loader, rank: int, world: int) -> Progress:

@@ -97,6 +97,12 @@ class TrainConfig:
     eval_every: int | None = None  # k-shot of every N-th checkpoint, off the training path (evaluation/watch.py)
     eval_data: tuple[str, ...] | None = None  # NAME:ROOT datasets of kshot.py for --eval-every
     signal_sync_every: int = 5  # DDP: steps between all-reduces that agree on a preemption signal
+    # Faults (trainer/faults.py): a rank waits this long for the others in a collective (process-group set-up
+    # included) and for its data loader, then exits naming the step; a failed checkpoint write is retried at
+    # the next checkpoint step, and this many failures in a row stop the run.
+    collective_timeout: float = 600.0  # seconds
+    data_timeout: float = 600.0  # seconds
+    max_ckpt_failures: int = 3
     spec: MultiCropSpec = field(default_factory=MultiCropSpec)
 
     def __post_init__(self) -> None:
@@ -195,6 +201,14 @@ def add_config_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, help="TensorBoard scalars every N steps")
     g.add_argument("--image-every", type=int, help="TensorBoard view grid every N steps (0 = never)")
     g.add_argument("--max-bad-steps", type=int, help="stop after K consecutive NaN/Inf steps (default 10)")
+    g.add_argument("--collective-timeout", type=float, metavar="SECONDS",
+                   help="DDP: how long a rank waits for the others in a collective (and at start-up) before it "
+                        "exits naming the operation and step (default 600)")
+    g.add_argument("--data-timeout", type=float, metavar="SECONDS",
+                   help="how long a rank waits for one batch from its data loader before it exits (default 600)")
+    g.add_argument("--max-ckpt-failures", type=int,
+                   help="a failed checkpoint write is retried at the next checkpoint step; stop after K failures "
+                        "in a row (default 3)")
     g.add_argument("--eval-every", type=int, help="all-shot k-shot of every N-th checkpoint during the run, off the "
                                                   "training path (a multiple of --ckpt-every; needs --eval-data)")
     g.add_argument("--eval-data", nargs="+", metavar="NAME:ROOT",
@@ -297,7 +311,7 @@ def validate_config(cfg: TrainConfig, check_data: bool = True) -> None:
     if cfg.time_budget is not None and not cfg.time_budget > 0:
         raise ValueError(f"--time-budget must be > 0 minutes, got {cfg.time_budget}")
     for name in ("steps", "epochs", "batch_size", "accum_steps", "num_slices", "proj_dim", "hidden_dim",
-                 "log_every", "ckpt_every", "max_bad_steps", "signal_sync_every"):
+                 "log_every", "ckpt_every", "max_bad_steps", "signal_sync_every", "max_ckpt_failures"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise ValueError(f"{_flag(name)} must be >= 1, got {value}")
@@ -308,6 +322,9 @@ def validate_config(cfg: TrainConfig, check_data: bool = True) -> None:
     for name in ("keep_ckpts", "image_every", "grad_clip", "shard_retries"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(cfg, name)}")
+    for name in ("collective_timeout", "data_timeout"):
+        if not getattr(cfg, name) > 0:  # (NaN too)
+            raise ValueError(f"{_flag(name)} must be > 0 seconds, got {getattr(cfg, name)}")
     if cfg.warmup is not None and cfg.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {cfg.warmup}")
     if not cfg.lr > 0:

@@ -15,6 +15,11 @@ non-finite-step counters stay on the device and are read every `log_every` steps
 skips the update on the device (fused AdamW's `found_inf`, as GradScaler does); BatchNorm statistics are
 all-reduced without a host sync (models/batchnorm.py); ranks agree on a preemption signal over a CPU (gloo)
 group, which never waits for the GPU.
+
+Faults (trainer/faults.py): every collective and the process-group set-up time out after
+`--collective-timeout`, a rank's data loader after `--data-timeout`; the rank then exits with a line naming
+the operation and step, which `run(cfg, on_failure)` also hands to the launcher. A failed checkpoint write
+is retried at the next checkpoint step (trainer/checkpointing.py).
 """
 
 from __future__ import annotations
@@ -44,7 +49,9 @@ from models import build_encoder
 from models.batchnorm import globalise_batchnorm
 from pipelines import Batch, build_loader
 from pipelines.preview import view_grid as pipeline_view_grid
-from trainer.checkpointing import Checkpointer, Progress, code_version, find_resume_checkpoint, restore
+from trainer import faults
+from trainer.checkpointing import (Checkpointer, CheckpointError, Progress, code_version, find_resume_checkpoint,
+                                   restore)
 from trainer.config import TrainConfig, resumed_config, validate_config, warmup_steps
 from trainer.plan import build_plan, format_plan
 from trainer.schedule import CALIBRATION_STEPS, Schedule, TimeBudget
@@ -81,11 +88,15 @@ def setup_distributed(cfg: TrainConfig) -> Distributed:
         torch.backends.cudnn.benchmark = True
     owns_group, control = False, None
     if world > 1:
+        # --collective-timeout bounds the rendezvous and every collective: gloo raises in the waiting call;
+        # NCCL's watchdog aborts the communicator and ends the rank (async error handling) instead of hanging.
+        timeout = datetime.timedelta(seconds=cfg.collective_timeout)
+        if cuda:
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
-                                    timeout=datetime.timedelta(minutes=10))
+            dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world, timeout=timeout)
             owns_group = True
-        control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        control = dist.new_group(backend="gloo", timeout=timeout) if dist.get_backend() != "gloo" else dist.group.WORLD
     return Distributed(rank, world, device, owns_group, control)
 
 
@@ -339,14 +350,26 @@ class StepLog:
 # ------------------------------------------------------------------------------------------------ run
 
 
-def run(cfg: TrainConfig) -> dict:
-    """Train until cfg.steps/epochs, a preemption signal, or divergence. Returns a summary dict."""
+def run(cfg: TrainConfig, on_failure=None) -> dict:
+    """Train until cfg.steps/epochs, a preemption signal, or divergence. Returns a summary dict.
+
+    A failure (an exception, or a stall the watchdog ends) is handed to `on_failure(faults.Failure)` first:
+    rank, step, the operation under way and one line of why. An exception is then re-raised with that line."""
     validate_config(cfg)
-    dd = setup_distributed(cfg)
+    watch = faults.Watchdog(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), cfg.data_timeout,
+                            cfg.collective_timeout, on_failure)
+    dd = None
     try:
-        return _train(cfg, dd)
+        dd = setup_distributed(cfg)
+        return _train(cfg, dd, watch.start())
+    except Exception as e:
+        failure = watch.failure(e)
+        e.add_note(failure.line())
+        watch.report(failure)
+        raise
     finally:
-        if dd.owns_group and dist.is_initialized():
+        watch.stop()
+        if dd is not None and dd.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -362,7 +385,7 @@ def _data_root(cfg: TrainConfig, dd: Distributed) -> str:
     return str(materialise() / "train")
 
 
-def _train(cfg: TrainConfig, dd: Distributed) -> dict:
+def _train(cfg: TrainConfig, dd: Distributed, watch: faults.Watchdog) -> dict:
     started = time.perf_counter()
     rank, world = dd.rank, dd.world
     out, data = Path(cfg.out), _data_root(cfg, dd)
@@ -414,11 +437,12 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
     checkpointer = Checkpointer(cfg, rank, world, training.module, training.optimizer, training.scheduler,
                                 training.scaler, loader, version)
 
-    def save() -> None:
+    def save() -> bool:
         t0 = time.perf_counter()
-        checkpointer.save(progress, {"budget": budget.state()} if budget is not None else None)
+        written = checkpointer.save(progress, {"budget": budget.state()} if budget is not None else None)
         if budget is not None:  # the end of the budget keeps room for the slowest write seen
             budget.save_seconds = max(budget.save_seconds, time.perf_counter() - t0)
+        return written
 
     preempt = PreemptionFlag()
     preempt.install()
@@ -431,12 +455,14 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
     def next_batch():
         nonlocal batches
         t0 = time.perf_counter()
+        watch.enter(faults.DATA, progress.step + 1)
         if progress.pos >= len(loader):  # epoch boundary: reshuffle
             progress.epoch, progress.pos = progress.epoch + 1, 0
             loader.set_epoch(progress.epoch)
             batches = iter(loader)
         batch = next(batches)
         progress.pos += 1
+        watch.enter(faults.STEP, progress.step + 1)
         log.wait += time.perf_counter() - t0
         return batch
 
@@ -463,6 +489,7 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
 
             # ---- logging: the only place figures leave the device
             if step % cfg.log_every == 0 or step == total:
+                watch.enter(faults.LOGGING, step)
                 figures, bad, monitor = training.read_window()
                 log.log(step, figures, training.scheduler.get_last_lr()[0], monitor)
                 for tag, value in data_counters(loader, dd).items():  # data/skipped_shards, data/bad_samples ...
@@ -485,8 +512,10 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
                 writer.add_image("views", view_grid(batch, cfg.spec), step)
 
             # ---- checkpoints, preemption, the end of a time budget
+            watch.enter(faults.CHECKPOINT, step)
             if step % cfg.ckpt_every == 0 and step != total:
-                save()
+                save()  # a failed write is said and retried at the next checkpoint step
+            watch.enter(faults.SIGNAL_SYNC, step)
             if world == 1 or step % cfg.signal_sync_every == 0 or step == total:
                 late = budget is not None and rank == 0 and step != total and budget.out_of_time()
                 signalled, late = agree(dd, preempt.signum is not None, late)
@@ -501,8 +530,10 @@ def _train(cfg: TrainConfig, dd: Distributed) -> dict:
                         tqdm.write(f"--time-budget: stopping at step {step} of {total}, the budget is used up "
                                    f"(steps ran slower than the {budget.step_seconds:.3f} s measured after warmup)")
                     break
-        if status == "done":
-            save()
+        watch.enter(faults.CHECKPOINT, progress.step)
+        if status == "done" and not save():
+            raise CheckpointError(f"the final checkpoint (step {progress.step}) could not be written; the run "
+                                  "resumes from the latest readable one")
         skipped += int(training.sums[SKIPPED].item())  # skipped since the last log (a preemption cut the window)
     finally:
         bar.close()

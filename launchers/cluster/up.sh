@@ -13,6 +13,12 @@
 # Idempotent: a second run with the same settings finds everything up and returns at once; changed
 # settings restart the daemons with the new configuration.
 set -euo pipefail
+# The daemons started below must not inherit our caller's descriptors: a `flock LOCK up.sh` would otherwise
+# leave LOCK held by mariadbd/slurmdbd for as long as the cluster runs.
+for fd in /proc/$$/fd/*; do
+  fd=${fd##*/}
+  if [ "$fd" -gt 2 ] 2>/dev/null; then eval "exec $fd>&-" 2>/dev/null || true; fi
+done
 
 STATE=${LEJEPA_SLURM_DIR:-/var/tmp/lejepa-slurm}
 NODES=${LEJEPA_SLURM_NODES:-2}            # fake nodes node1..nodeN
