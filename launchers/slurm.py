@@ -127,6 +127,40 @@ class TrainTask:
         return submitit.helpers.DelayedSubmission(TrainTask(self.cfg, self.max_failures))
 
 
+class EvalTask:
+    """--eval-every on SLURM: one task, a job that depends on the training job (`afterany`: it starts once
+    the training is over for good, requeues included) and runs evaluation/watch.py's all-shot k-shot on every
+    N-th checkpoint (the trainer spared them from rotation); results in the run's TensorBoard and OUT/eval/."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+
+    def __call__(self) -> dict:
+        from evaluation.watch import watch
+
+        return watch(self.cfg.out, self.cfg.eval_every, list(self.cfg.eval_data))
+
+
+def submit_evaluations(folder: Path, params: dict, jobs: list, configs: list[TrainConfig]) -> list:
+    """One EvalTask job per training job that has --eval-every, after it (dependency afterany): the training's
+    time limit, partition and account, one task with one GPU (or none) and the same CPUs per task."""
+    keep = ("time", "partition", "account", "qos", "constraint", "exclude", "mem", "cpus_per_task")
+    eval_params = {k: v for k, v in params.items() if k in keep}
+    eval_params.update(job_name=f"{params['job_name']}-eval", nodes=1, ntasks_per_node=1,
+                       setup=[p for p in params["setup"] if "supervisor" not in p])
+    if params.get("gpus_per_node"):
+        eval_params["gpus_per_node"] = 1
+    evals = []
+    for job, cfg in zip(jobs, configs):
+        if not cfg.eval_every:
+            continue
+        executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
+        executor.update_parameters(**{f"slurm_{k}": v for k, v in eval_params.items()},
+                                   slurm_additional_parameters={"dependency": f"afterany:{job.job_id}"})
+        evals.append(executor.submit(EvalTask(cfg)))
+    return evals
+
+
 # --------------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------------
@@ -477,10 +511,11 @@ def plans_text(configs: list[TrainConfig], args: argparse.Namespace, world: int,
     sources: dict = {}
     plans = []
     for cfg in configs:
-        if cfg.data not in sources:
-            sources[cfg.data] = describe_source(cfg.data)
+        key = (cfg.data, cfg.stream, cfg.samples_per_shard)
+        if key not in sources:
+            sources[key] = describe_source(*key)
         plans.append(build_plan(cfg, world_size=world, device="cuda" if gpus else "cpu",
-                                source_info=sources[cfg.data], devices=devices, threads_per_rank=cpus or 1))
+                                source_info=sources[key], devices=devices, threads_per_rank=cpus or 1))
     lines = [format_plan(plans[0]), f"  slurm    --cpus-per-task {cpus or 1} ({cpus_why}), OMP_NUM_THREADS the same"]
     first = _flat(plans[0])
     for cfg, plan in zip(configs[1:], plans[1:]):
@@ -535,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         stdout, stderr = log_paths(job)
         print(f"submitted job {job.job_id}: {params['nodes']} node(s) x {params['ntasks_per_node']} task(s) "
               f"= world size {world}, {devices}\n  out:  {cfg.out}\n  log:  {stdout}\n  err:  {stderr}")
+    for job in submit_evaluations(folder, params, jobs, configs):
+        print(f"submitted k-shot job {job.job_id} (after the training: --eval-every); log {log_paths(job)[0]}")
     print(f"monitor: squeue -j {jobs[0].job_id.split('_')[0]}    tail -f {log_paths(jobs[0])[0]}\n"
           f"tensorboard --logdir {folder.parent}")
     if not args.wait:

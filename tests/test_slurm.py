@@ -9,6 +9,7 @@ files (one per attempt, read back raw) and the checkpoints.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -133,7 +134,7 @@ REQUEUE_STEPS, TIMEOUT_STEPS, ARRAY_STEPS = 12, 400, 4
 
 
 @pytest.fixture(scope="module")
-def jobs(cluster, imagenette, tmp_path_factory):
+def jobs(cluster, imagenette, dtd10, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm_runs")
     # Shared across nodes in a real cluster; here every fake node is this machine, so tmp is shared too.
     runs = {"requeue": root / "requeue", "timeout": root / "timeout", "array": root / "array"}
@@ -145,7 +146,9 @@ def jobs(cluster, imagenette, tmp_path_factory):
         # off, so every checkpoint is one the time limit caused.
         "timeout": train_flags(imagenette, runs["timeout"], TIMEOUT_STEPS, nodes=1, time=1,
                                **{"signal-delay": 5, "ckpt-every": 1000}),
-        "array": train_flags(imagenette, runs["array"], ARRAY_STEPS, nodes=1) + ["--array", "lambd=0.05,0.2"],
+        # each member also gets a k-shot job after it (--eval-every: dependency afterany)
+        "array": train_flags(imagenette, runs["array"], ARRAY_STEPS, nodes=1, **{"ckpt-every": 2, "eval-every": 2})
+        + ["--eval-data", f"imagefolder:{dtd10}", "--array", "lambd=0.05,0.2"],
     }
     ids = dict(zip(flags, submit(*flags.values())))
     yield ids, runs, flags
@@ -229,6 +232,14 @@ def test_array_members_run_with_their_own_output_folders(jobs, capsys):
         assert config["lambd"] == lambd and config["out"] == str(member)
         assert checkpoint_steps(member)[-1] == ARRAY_STEPS
         assert loss_steps_per_attempt(member) == [list(range(1, ARRAY_STEPS + 1))]
+    # the dependent k-shot jobs: every 2nd checkpoint of each member, evaluated after it ended
+    for lambd in (0.05, 0.2):
+        results = out / f"lambd={lambd}" / "eval" / "results.json"
+        deadline = time.time() + 300
+        while time.time() < deadline and not (results.exists() and len(json.loads(results.read_text())) == 2):
+            time.sleep(2)
+        rows = json.loads(results.read_text())
+        assert sorted(r["step"] for r in rows) == [2, 4] and all(0 < r["mean"] <= 100 for r in rows)
 
 
 # --------------------------------------------------------------------- in-process: dry run, bad input
