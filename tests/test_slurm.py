@@ -114,7 +114,10 @@ def loss_steps_per_attempt(run_dir: Path) -> list[list[int]]:
     Raw files, so steps a killed attempt logged after its last checkpoint are still visible."""
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    files = sorted((run_dir / "tb").glob("events.out.tfevents.*"), key=lambda f: int(f.name.split(".")[3]))
+    from evaluation.watch import TB_SUFFIX  # the k-shot watcher's own event file is not an attempt
+
+    files = sorted((f for f in (run_dir / "tb").glob("events.out.tfevents.*") if not f.name.endswith(TB_SUFFIX)),
+                   key=lambda f: int(f.name.split(".")[3]))
     return [[e.step for e in EventFileLoader(str(f)).Load() if any(v.tag == "train/loss" for v in e.summary.value)]
             for f in files]
 
