@@ -118,7 +118,7 @@ def startup(args) -> list[list]:
                 def run():
                     options = StreamOptions(shuffle_buffer=args.buffer, readers=args.readers,
                                             samples_per_shard=args.shard_samples) if stream else None
-                    loader = build_loader(str(root / name), SPEC_PRESETS[args.preset], backend="torchvision",
+                    loader = build_loader(str(root / name), SPEC_PRESETS[args.preset], backend=args.backend,
                                           batch_size=min(args.batch_size, n * args.shard_samples), device="cpu",
                                           num_workers=args.workers, stream=options)
                     next(iter(loader))
@@ -135,8 +135,8 @@ def startup(args) -> list[list]:
             modes = {"indexed (local)": indexed, "streamed local": streamed(str(root / name)),
                      "streamed http": streamed(f"{server.url}/{name}"),
                      "streamed pipe:cat": streamed(f"pipe:cat {root}/{name}"),
-                     "first batch, torchvision loader, indexed": first_batch(False),
-                     "first batch, torchvision loader, streamed": first_batch(True)}
+                     f"first batch, {args.backend} loader, indexed": first_batch(False),
+                     f"first batch, {args.backend} loader, streamed": first_batch(True)}
             times = {m: [] for m in modes}
             if n == args.shards[0]:  # once, untimed: imports, numba's cached kernels, the first worker fork
                 for fn in modes.values():
@@ -195,9 +195,9 @@ def read_rate(args) -> list[list]:
 
 
 def loader_rate(args) -> list[list]:
-    """Images/s of the torchvision reference over the same shards, indexed and streamed, timed in turns."""
+    """Images/s of `--backend` over the same shards, indexed and streamed, timed in turns."""
     spec = SPEC_PRESETS[args.preset]
-    loaders = {mode: build_loader(args.data, spec, backend="torchvision", batch_size=args.batch_size, device="cpu",
+    loaders = {mode: build_loader(args.data, spec, backend=args.backend, batch_size=args.batch_size, device="cpu",
                                   num_workers=args.workers, seed=0, stream=options)
                for mode, options in (("indexed", None),
                                      ("streamed", StreamOptions(shuffle_buffer=args.buffer, readers=args.readers)))}
@@ -252,9 +252,11 @@ def main(argv=None) -> None:
     ap.add_argument("--readers", type=int, default=2)
     ap.add_argument("--buffer", type=int, default=1000, help="shuffle buffer (samples)")
     ap.add_argument("--loader", action="store_true",
-                    help="with --data: multi-crop images/s through the torchvision loader, indexed vs streamed")
+                    help="with --data: multi-crop images/s through the --backend loader, indexed vs streamed")
     ap.add_argument("--preset", default="seed", choices=sorted(SPEC_PRESETS), help="--loader and start-up: views")
     ap.add_argument("--workers", type=int, default=2, help="--loader and start-up: DataLoader workers")
+    ap.add_argument("--backend", default="torchvision", choices=("torchvision", "dali"),
+                    help="--loader and start-up: the backend that reads the shards")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-md", action="store_true", help="JSON lines only, no BENCHMARKS.md table")
     args = ap.parse_args(argv)
@@ -270,7 +272,7 @@ def main(argv=None) -> None:
     if args.data and args.loader:
         rows = loader_rate(args)
         if not args.no_md:
-            append_rows("Streamed shards: torchvision loader images/s, indexed vs streamed",
+            append_rows(f"Streamed shards: {args.backend} loader images/s, indexed vs streamed",
                         ["source", "preset", "workers", "images/s", "ratio to indexed"], rows,
                         note=f"Same shards ({args.data}), batch {args.batch_size}, shuffle buffer {args.buffer}, "
                              f"readers {args.readers}; {args.seconds:g} s per turn, the two loaders in turns. "
