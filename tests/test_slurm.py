@@ -616,11 +616,16 @@ def test_a_lost_node_is_requeued_by_slurm_and_counted_as_a_failure(cluster, imag
         return subprocess.run(["sacct", "-D", "-X", "-n", "-P", "-o", "State", "-j", job], capture_output=True,
                               text=True).stdout.split()
 
-    wait_until(lambda: len(attempts()) == 2, "SLURM to requeue the job", 180)  # (sacct says NODE_FAIL first)
+    wait_until(lambda: len(attempts()) >= 2, "SLURM to requeue the job", 180)  # (sacct says NODE_FAIL first)
     wait_done(job, out, timeout=600)
-    assert attempts() == ["NODE_FAIL", "COMPLETED"]
+    # On this one-host cluster slurmctld may still deliver the lost node's pending kill once node1 is back, and
+    # it reaches the requeued attempt (same job id): the supervisor then counts a further failure and requeues
+    # again (REQUEUED), which is the behaviour under test once more; the job still completes.
+    states = attempts()
+    assert states[0] == "NODE_FAIL" and states[-1] == "COMPLETED" and set(states[1:-1]) <= {"REQUEUED"}, states
     # the next attempt's supervisor counted it (--max-failures bounds node losses too) and said so
-    [failure] = ledger(out, job)["failures"]
+    failure, *later = ledger(out, job)["failures"]
+    assert len(later) == len(states) - 2 and all(f["kind"] != "node failure" for f in later)
     c = failure["checkpoint"]
     assert (failure["kind"], failure["rank"], failure["attempt"]) == ("node failure", None, 0) and c >= FAULT_CKPT_EVERY
     log = run_log(out)
@@ -628,4 +633,5 @@ def test_a_lost_node_is_requeued_by_slurm_and_counted_as_a_failure(cluster, imag
             f"NODE_FAIL) and SLURM requeued it; resubmitted (failure 1 of at most 3), resuming from checkpoint "
             f"step {c}") in log
     assert f"resumed from {out}/checkpoint_{c:06d}.pt at step {c}" in log
-    assert loss_steps_per_attempt(out)[-1] == list(range(c + 1, FAULT_STEPS + 1))
+    last = later[-1]["checkpoint"] if later else c
+    assert loss_steps_per_attempt(out)[-1] == list(range(last + 1, FAULT_STEPS + 1))
