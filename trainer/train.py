@@ -214,8 +214,9 @@ class Training:
         device = dd.device
         encoder = build_encoder(cfg.arch, proj_dim=cfg.proj_dim, hidden_dim=cfg.hidden_dim,
                                 patch_size=cfg.patch_size, img_size=cfg.spec.global_size)
-        if device.type == "cuda":
-            encoder.use_channels_last()
+        # NHWC for conv nets on both devices: cuDNN's layout, and oneDNN's on CPU (ResNet-18 bf16 step 1.13-1.4x,
+        # benchmarks/train_step.py --synthetic); a no-op for ViTs
+        encoder.use_channels_last()
         self.module = TrainModule(encoder, num_classes).to(device)
         if dd.world > 1:
             globalise_batchnorm(self.module)  # every BN layer normalises over the global batch, no host sync
