@@ -30,7 +30,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml $(VENV)/.apt
 
 # Main job on the embedded dataset: a short LeJEPA pretraining on CPU, then a k-shot readout.
 demo: install
-	$(PY) launchers/local.py --preset cpu-small --out runs/demo
+	$(PY) launchers/local.py --preset cpu-small --time-budget 5 --out runs/demo
 	data=$$($(PY) -m pipelines.embedded) && \
 	$(PY) evaluation/kshot.py --checkpoint runs/demo --baseline --datasets imagefolder:$$data \
 	    --shots 1 10 all --seeds 3 --markdown runs/demo/kshot.md --json runs/demo/kshot.json && \
