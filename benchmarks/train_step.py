@@ -26,8 +26,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from benchmarks.report import append_rows, emit  # noqa: E402
 from pipelines import available  # noqa: E402
 from trainer import TrainConfig  # noqa: E402
-from trainer.config import add_config_args, config_from_args  # noqa: E402
+from trainer.config import PRESETS, add_config_args, config_from_args  # noqa: E402
 from trainer.train import run  # noqa: E402
+
+
+def patch_for(base: TrainConfig, arch: str) -> int | None:
+    """The patch size a launcher gives `arch` under `base`'s preset: --patch-size if given, else the preset's
+    (cpu-small: 8). `base` is resolved for --arch (ResNet-18 by default), which drops the preset's patch."""
+    if not arch.startswith("vit_"):
+        return None
+    return base.patch_size if base.patch_size is not None else PRESETS[base.preset].get("patch_size")
 
 
 def measure(base: TrainConfig, backend: str, arch: str, data: str, steps: int, repeats: int) -> dict:
@@ -35,7 +43,7 @@ def measure(base: TrainConfig, backend: str, arch: str, data: str, steps: int, r
         cfg = TrainConfig(**{**base.__dict__, "backend": backend, "arch": arch, "data": data, "out": out,
                              "steps": steps * (repeats + 1), "epochs": None, "log_every": steps,
                              "image_every": 0, "ckpt_every": 10**9, "resume": False,
-                             "patch_size": base.patch_size if arch.startswith("vit_") else None})
+                             "patch_size": patch_for(base, arch)})
         summary = run(cfg)
         acc = EventAccumulator(str(Path(out) / "tb"), size_guidance={"scalars": 0})
         acc.Reload()
@@ -78,7 +86,7 @@ def synthetic_step(base: TrainConfig, arch: str, variants: list[str], steps: int
         if channels_last and arch.startswith("vit_"):
             continue
         cfg = TrainConfig(**{**base.__dict__, "arch": arch, "compile": compiled, "amp": bf16,
-                             "patch_size": base.patch_size if arch.startswith("vit_") else None})
+                             "patch_size": patch_for(base, arch)})
         training = Training(cfg, Distributed(0, 1, torch.device("cpu"), False), 10, Schedule(10**6, 10))
         if channels_last:
             training.module.encoder.use_channels_last()
