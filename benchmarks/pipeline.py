@@ -5,7 +5,11 @@
 
 Backends run interleaved in one process (torchvision, dali, ... then again, `--repeats` times); each run
 iterates the backend's loader (built once, epochs chained with `set_epoch`) for `--seconds` after one warm-up
-batch per loader. Reported: median images/s, its ratio to torchvision measured in the same process, peak
+batch per loader. Every run starts on idle cores and leaves the loader's look-ahead untimed: loaders stay
+alive between runs, and each keeps preparing batches after its run ends (DataLoader workers x
+prefetch_factor, DALI pipelines x their queue), on the cores of the next backend's run. Until 2026-12-01
+that look-ahead was timed (torchvision's 4-6 CPU s ran inside each 20 s DALI run, and each run started with
+its own prepared batches): DALI's ratio read ~1.4x lower than it is (BENCHMARKS.md). Reported: median images/s, its ratio to torchvision measured in the same process, peak
 RSS (this process + its worker processes) while that backend ran (all loaders stay alive for the
 interleaving, so it is a process-wide peak, not one backend's footprint), a decode-only ceiling (the same
 source decoded with the backend's decoder and threads, no augmentation) and, for DALI, the ceiling of its
@@ -147,9 +151,10 @@ def dali_feed(args, spec):
     for epoch in itertools.count():
         feed = Feed(indexed_steps(loader.source, loader.epoch_batches(epoch), 0, loader.bad_files.add), spec,
                     loader.seed, epoch)
+        take = feed.source(0)
         try:
             while True:
-                yield feed()
+                yield take()
         except StopIteration:
             pass
 
@@ -279,18 +284,53 @@ class PeakRSS:
         self.peak = max(self.peak, self.sample())
 
 
-def timed_run(state: dict, seconds: float, device) -> float:
-    """Images/s of one run: iterate (chaining epochs) for `seconds`, every batch already on `device`."""
-    loader = state["loader"]
+def tree_cpu_seconds() -> float:
+    """CPU time so far of this process and its children (DataLoader workers)."""
+    import psutil
+
+    total = 0.0
+    for p in [psutil.Process()] + psutil.Process().children(recursive=True):
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except Exception:  # a worker may exit between listing and reading
+            pass
+    return total
+
+
+def wait_idle(window: float = 0.5, busy: float = 0.1, limit: float = 60.0) -> float:
+    """Wait until the process tree uses under `busy` cores over a `window`: the loaders that ran before are
+    done with their look-ahead, which would otherwise run on the cores of the run being timed. Returns the
+    CPU seconds spent meanwhile (that look-ahead)."""
+    start, end = tree_cpu_seconds(), time.perf_counter() + limit
+    before = start
+    while time.perf_counter() < end:
+        time.sleep(window)
+        now = tree_cpu_seconds()
+        if now - before < busy * window:
+            return now - start
+        before = now
+    return tree_cpu_seconds() - start
+
+
+def next_batch(state: dict):
+    """The loader's next batch, chaining epochs as a trainer would."""
+    while (batch := next(state["it"], None)) is None:
+        state["epoch"] += 1
+        state["loader"].set_epoch(state["epoch"])
+        state["it"] = iter(state["loader"])
+    return batch
+
+
+def timed_run(state: dict, seconds: float, device, skip: int) -> float:
+    """Images/s of one run: iterate for `seconds`, every batch already on `device`, after taking `skip` batches
+    untimed (those the loader prepared while it waited: DataLoader workers x prefetch_factor, DALI pipelines x
+    their queue; counting them would credit the run with work done before its clock started)."""
+    for _ in range(skip):
+        next_batch(state)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        batch = next(state["it"], None)
-        if batch is None:  # epoch over: next epoch, as a trainer would
-            state["epoch"] += 1
-            loader.set_epoch(state["epoch"])
-            state["it"] = iter(loader)
-            continue
-        n += batch.labels.shape[0]
+        n += next_batch(state).labels.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return n / (time.perf_counter() - start)
@@ -337,12 +377,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
         it = iter(loader)
         next(it)  # warm-up: pipeline build, worker start, JIT
         states[b] = {"loader": loader, "it": it, "epoch": 0}
+    # Every run starts on idle cores (the previous backend's look-ahead finished, `wait_idle`) and leaves its own
+    # look-ahead untimed (`skip` batches, enough for either backend's at this core count).
+    skip = 2 * (args.workers or cpus_per_rank()) + 2
     for r in range(args.repeats):
         for b in backends:
+            leftover = wait_idle()
             with PeakRSS() as rss:
-                rates[b].append(timed_run(states[b], args.seconds, device))
+                rates[b].append(timed_run(states[b], args.seconds, device, skip))
             peaks[b] = max(peaks[b], rss.peak)
-            print(f"# run {r + 1}/{args.repeats} {b}: {rates[b][-1]:.1f} images/s", file=sys.stderr, flush=True)
+            print(f"# run {r + 1}/{args.repeats} {b}: {rates[b][-1]:.1f} images/s (waited for {leftover:.1f} CPU s "
+                  "of look-ahead before it)", file=sys.stderr, flush=True)
     decode, feed = {}, {}
     for b in backends:
         states.pop(b)  # free the augmenting loader (and its workers) first

@@ -129,7 +129,7 @@ def build_loader(
     (indexed), or shards to stream: http(s):// URLs and `pipe:COMMAND` always, local shards when `stream`
     is given (its options; URLs without it get the defaults). A streamed source is opened here, once per
     rank (a ValueError naming it when it cannot be read), and handed to the backend as a `ShardStream`.
-    `options` go to the chosen backend's `build` (DALI: `decoder=DecoderOptions(...)`; FFCV: `order`,
+    `options` go to the chosen backend's `build` (DALI: `decoder=DecoderOptions(...)`, `pipelines`; FFCV: `order`,
     `colour_ops`); `num_workers` defaults to this rank's CPUs (`pipelines.threads.cpus_per_rank`)."""
     device = batch_device(device)
     name = resolve_backend(backend, source, device, stream is not None)

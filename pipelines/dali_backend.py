@@ -44,10 +44,14 @@ is now about a third of it, blur a fifth):
 - views stay uint8 to the end: the mirror is the resize's (a reversed window), each group of views is
   stacked in uint8 and normalised once ([B, V, 3, H, W] float leaves DALI in one piece, zero-copy via
   DLPack: the dynamic executor never reuses an output buffer that torch still references).
-Measured on imagenette160, seed recipe, 2 loaded cores: ~5.0 ms of CPU per source image, 4-8 % less than
+- on the CPU, one-thread copies of the graph side by side, taking the steps in turn (`_DaliPasses`): one
+  pipeline runs an operator at a time and each waits for its slowest sample, which kept 2 threads ~72 %
+  busy; side by side they stay ~97 % busy (+21 % images/s on 2 cores).
+Measured on imagenette160, seed recipe, 2 loaded cores: ~4.5 ms of CPU per source image, 4-8 % less than
 the graph before the float `hsv` and uint8 stacking (interleaved A/B, minimum of 6-8 runs; callgrind: 3 %
 fewer instructions, the rest is memory traffic); the torchvision reference ~28. What remains is DALI's
-kernels: resize ~35 % of the instructions, blur ~20 %, colour ~16 %, normalise + stack ~15 %.
+kernels (perf, one thread): resize ~28 % of the CPU, blur ~12 %, colour ~11 %, normalise + stack ~12 %,
+float-to-uint8 rounding through libm ~5 %, DALI's executor ~11 %, decoding only ~2 % at 160 px.
 
 Where DALI's colour maths differs from torchvision's (bounded in tests/test_pipelines.py and
 tests/test_cross_backend.py):
@@ -64,7 +68,9 @@ tests/test_cross_backend.py):
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
+import itertools
 import queue
 import threading
 import warnings
@@ -100,6 +106,9 @@ B_BLUR_FIRST = 2  # blurred, and the crop is no larger than the view in either a
 B_BLUR_AFTER = 3  # blurred, and the crop is larger in some axis: blur the resized view
 B_SOLAR = 4
 NUM_FLAGS = 5
+
+# CPU graphs side by side, one thread each, at most (`_DaliPasses`): each holds ~400 MB at batch 64.
+MAX_CPU_PIPELINES = 8
 
 
 @functools.lru_cache(maxsize=64)
@@ -170,56 +179,67 @@ _END = object()
 
 
 class Feed:
-    """The graph's inputs, prepared on a daemon thread up to `depth` steps ahead of the pipeline.
+    """The graph's inputs, prepared on a daemon thread up to `depth` steps ahead of the pipelines.
 
     `steps` is a sample provider (an iterator of `Step`); the thread draws each step's view parameters
-    (`sample_views` at `epoch`) and packs them (`graph_args`). The DALI external_source callback (`__call__`,
-    on whichever thread runs the pipeline) only takes the next prepared step, and records its position in
-    `positions` (FIFO: DALI returns batches in the order it was fed). An error in the thread is raised by
-    the callback; `close()` stops the thread (a pass left mid-way)."""
+    (`sample_views` at `epoch`) and packs them (`graph_args`). Step i goes to pipeline i % `outputs` (the loader
+    runs its pipelines in turn, so batches come back in step order). The DALI external_source callback of
+    pipeline k (`source(k)`, on whichever thread runs that pipeline) only takes k's next prepared step, and
+    records its position in `positions[k]` (FIFO: a pipeline returns batches in the order it was fed). An
+    error in the thread is raised by the callbacks; `close()` stops the thread (a pass left mid-way)."""
 
-    def __init__(self, steps: Iterator[Step], spec: MultiCropSpec, seed: int, epoch: int, depth: int = 4):
+    def __init__(self, steps: Iterator[Step], spec: MultiCropSpec, seed: int, epoch: int, depth: int = 4,
+                 outputs: int = 1):
         self.spec, self.seed, self.epoch = spec, seed, epoch
-        self.positions: collections.deque = collections.deque()
-        self._queue: queue.Queue = queue.Queue(depth)
+        self.positions = [collections.deque() for _ in range(outputs)]
+        self._queues = [queue.Queue(depth) for _ in range(outputs)]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(steps,), daemon=True, name="dali-feed")
         self._thread.start()
 
     def _run(self, steps: Iterator[Step]) -> None:
+        queues = self._queues
         try:
-            for step in steps:
+            for i, step in enumerate(steps):
                 params = sample_views(self.spec, self.seed, self.epoch, step.keys, step.heights, step.widths)
-                if not self._put(((step.encoded, step.labels, *graph_args(self.spec, params)), step.position)):
+                inputs = (step.encoded, step.labels, *graph_args(self.spec, params))
+                if not self._put(queues[i % len(queues)], (inputs, step.position)):
                     return
-            self._put(_END)
-        except BaseException as e:  # noqa: BLE001 - raised again by the callback, on the pipeline's thread
-            self._put(e)
+            end = _END
+        except BaseException as e:  # noqa: BLE001 - raised again by the callbacks, on the pipelines' threads
+            end = e
+        for q in queues:  # every pipeline learns of the end (or the error) after its last step
+            self._put(q, end)
 
-    def _put(self, item) -> bool:
+    def _put(self, q: queue.Queue, item) -> bool:
         while not self._stop.is_set():
             try:
-                self._queue.put(item, timeout=0.1)
+                q.put(item, timeout=0.1)
                 return True
             except queue.Full:
                 continue
         return False
 
-    def __call__(self, info=None):
+    def source(self, k: int = 0):
+        """The external_source callback of pipeline k (DALI wants a callable of one positional argument)."""
+        return lambda info=None: self._next(k, info)
+
+    def _next(self, k: int, info=None):
+        q = self._queues[k]
         while True:
             try:
-                item = self._queue.get(timeout=1.0)
+                item = q.get(timeout=1.0)
                 break
             except queue.Empty:
-                if not self._thread.is_alive() and self._queue.empty():
+                if not self._thread.is_alive() and q.empty():
                     raise RuntimeError("the DALI feed thread ended without a result") from None
         if item is _END:
-            self._queue.put(_END)  # DALI may ask again after the end (prefetch): answer the same
+            q.put(_END)  # DALI may ask again after the end (prefetch): answer the same
             raise StopIteration
         if isinstance(item, BaseException):
             raise item
         inputs, position = item
-        self.positions.append(position)
+        self.positions[k].append(position)
         return inputs
 
     def close(self) -> None:
@@ -302,30 +322,39 @@ def define_pipeline(spec: MultiCropSpec, source_cb, batch_size: int, num_threads
 
 
 class _DaliPasses:
-    """The DALI side of a loader, shared by the indexed and the streamed one: one pipeline, built once and
-    reset per pass, fed by a `Feed` over a sample provider."""
+    """The DALI side of a loader, shared by the indexed and the streamed one: its pipelines, built once and
+    reset per pass, fed by one `Feed` over a sample provider.
 
-    def _init_dali(self, num_workers: int | None, decoder: DecoderOptions | None, feed_depth: int) -> None:
-        self.num_threads = num_workers if num_workers and num_workers > 0 else cpus_per_rank()
+    On the GPU one pipeline does the work (the device runs the ops). On the CPU, `pipelines` copies of the
+    graph with one thread each take the steps in turn: one pipeline with N threads runs an operator at a
+    time and waits for its slowest sample before the next, which left ~15 % of 2 cores idle (1.7 of 2 busy);
+    two one-thread pipelines keep both busy (+19 % images/s on 2 cores, BENCHMARKS.md), at ~400 MB each for
+    batch 64. Batches still come back in step order, so every step stays a pure function of (seed, epoch,
+    step) whatever the count."""
+
+    def _init_dali(self, num_workers: int | None, decoder: DecoderOptions | None, feed_depth: int,
+                   pipelines: int | None) -> None:
+        threads = num_workers if num_workers and num_workers > 0 else cpus_per_rank()
         self.gpu = self.device.type == "cuda"
+        if pipelines is not None and pipelines < 1:
+            raise ValueError(f"pipelines={pipelines}: need at least 1")
+        self.num_pipelines = 1 if self.gpu else min(pipelines or MAX_CPU_PIPELINES, threads)
+        self.num_threads = max(1, threads // self.num_pipelines)  # per pipeline
         self.decoder = decoder or DecoderOptions()
         self.feed_depth = feed_depth
-        self._pipe = None
+        self._pipes: list = []
         self._feed: Feed | None = None
         self._exhausted = True  # False while a pass is in flight: its prefetched batches would be stale
 
-    def _build(self):
+    def _build(self, k: int):
         gpu_id = self.device.index if self.gpu else None
-        # The pipeline keeps this bound method for its life; it reads whichever feed the current pass has.
-        pipe = define_pipeline(self.spec, self._next_inputs, self.batch_size, self.num_threads, gpu_id, self.gpu,
-                               self.seed, self.decoder)
+        # The pipeline keeps this callback for its life; it reads whichever feed the current pass has.
+        pipe = define_pipeline(self.spec, lambda info: self._feed._next(k, info), self.batch_size,
+                               self.num_threads, gpu_id, self.gpu, self.seed, self.decoder)
         with warnings.catch_warnings():  # a recipe with some ops off leaves an argument array unread (a few bytes)
             warnings.filterwarnings("ignore", message="The external source node .* not used")
             pipe.build()
         return pipe
-
-    def _next_inputs(self, info):
-        return self._feed(info)
 
     def _to_torch(self, out) -> torch.Tensor:
         # The views were stacked in the graph: one contiguous tensor per output. On the GPU, torch passes
@@ -333,23 +362,29 @@ class _DaliPasses:
         return torch.from_dlpack(out.as_tensor())
 
     def _passes(self, steps: Iterator[Step], epoch: int):
-        """One pass over `steps` (a sample provider): the Batches, in feed order; `self._feed.positions`
-        holds the position of each batch fed and not yet taken."""
+        """One pass over `steps` (a sample provider): (Batch, position) in step order, the position being what
+        the provider gave that step."""
         if self._feed is not None:
             self._feed.close()
-        if self._pipe is None or not self._exhausted:
-            self._pipe = None  # a pass left mid-way holds stale prefetched batches: rebuild (~1.5 s)
-            self._pipe = self._build()
-        self._feed = feed = Feed(steps, self.spec, self.seed, epoch, self.feed_depth)
+        if not self._pipes or not self._exhausted:
+            self._pipes = []  # a pass left mid-way holds stale prefetched batches: rebuild (~1.5 s each)
+            self._pipes = [self._build(k) for k in range(self.num_pipelines)]
+        self._feed = feed = Feed(steps, self.spec, self.seed, epoch, self.feed_depth, self.num_pipelines)
         self._exhausted = False
         try:
-            while True:
+            for k in itertools.cycle(range(self.num_pipelines)):  # step i is pipeline i % num_pipelines's
                 try:
                     # On the GPU the outputs are bound to the training stream (it waits for DALI's work); without
                     # a stream, run() would block the host until the batch is computed, every step.
-                    outs = self._pipe.run(torch.cuda.current_stream(self.device) if self.gpu else None)
+                    outs = self._pipes[k].run(torch.cuda.current_stream(self.device) if self.gpu else None)
                 except StopIteration:
-                    self._pipe.reset()
+                    # No step here means no step anywhere after it: the others have delivered all theirs and
+                    # answer StopIteration too; each is reset for the next pass.
+                    for j, pipe in enumerate(self._pipes):
+                        if j != k:
+                            with contextlib.suppress(StopIteration):
+                                pipe.run()
+                        pipe.reset()
                     self._exhausted = True
                     return
                 # Dynamic executor: outputs are reference-counted, so DLPack hands the stacked views to torch
@@ -358,27 +393,28 @@ class _DaliPasses:
                 if not self.spec.local_views:
                     s = self.spec.local_size
                     loc = torch.empty(g.shape[0], 0, 3, s, s, device=self.device)
-                yield Batch(g, loc, labels)
+                yield Batch(g, loc, labels), feed.positions[k].popleft()
         finally:  # also when the consumer drops the pass mid-way: stop reading ahead
             feed.close()
 
 
 class DaliLoader(_DaliPasses, ShardedLoader):
-    """Loader protocol (see pipelines/__init__.py) over one DALI pipeline and an indexed source."""
+    """Loader protocol (see pipelines/__init__.py) over DALI pipelines and an indexed source."""
 
     def __init__(self, source, spec: MultiCropSpec, batch_size: int, device: torch.device, rank: int = 0,
                  world_size: int = 1, seed: int = 0, epoch: int = 0, num_workers: int | None = None,
-                 drop_last: bool = True, decoder: DecoderOptions | None = None, feed_depth: int = 4):
+                 drop_last: bool = True, decoder: DecoderOptions | None = None, feed_depth: int = 4,
+                 pipelines: int | None = None):
         ShardedLoader.__init__(self, source, spec, batch_size, batch_device(device), rank, world_size, seed, epoch,
                                drop_last)
-        self._init_dali(num_workers, decoder, feed_depth)
+        self._init_dali(num_workers, decoder, feed_depth, pipelines)
         self.position = None  # the position (see Step) of the last batch handed out
 
     def __iter__(self):
         first = self.start_step
         plan = self.next_pass()
-        for batch in self._passes(indexed_steps(self.source, plan, first, self.bad_files.add), self.epoch):
-            self.position = self._feed.positions.popleft()
+        for batch, self.position in self._passes(indexed_steps(self.source, plan, first, self.bad_files.add),
+                                                 self.epoch):
             yield batch
 
 
@@ -395,18 +431,17 @@ def stream_steps(batches, on_bad) -> Iterator[Step]:
 
 
 class DaliStreamLoader(_DaliPasses, StreamedLoader):
-    """Loader protocol over one DALI pipeline and a `ShardStream` (sources.StreamedLoader keeps the position of
-    the last batch delivered; DALI returns batches in the order the feed read them)."""
+    """Loader protocol over DALI pipelines and a `ShardStream` (sources.StreamedLoader keeps the position of
+    the last batch delivered; batches come back in the order the feed read them)."""
 
     def __init__(self, stream: ShardStream, spec: MultiCropSpec, device, num_workers: int | None = None,
-                 decoder: DecoderOptions | None = None, feed_depth: int = 4):
+                 decoder: DecoderOptions | None = None, feed_depth: int = 4, pipelines: int | None = None):
         StreamedLoader.__init__(self, stream, spec, batch_device(device))
-        self._init_dali(num_workers, decoder, feed_depth)
+        self._init_dali(num_workers, decoder, feed_depth, pipelines)
 
     def __iter__(self):
         epoch = self.stream.epoch
-        for batch in self._passes(stream_steps(self.next_pass(), self.bad_files.add), epoch):
-            self._feed.positions.popleft()
+        for batch, _ in self._passes(stream_steps(self.next_pass(), self.bad_files.add), epoch):
             self.delivered()
             yield batch
 
@@ -418,10 +453,10 @@ class DaliStreamLoader(_DaliPasses, StreamedLoader):
 
 def build(source, spec: MultiCropSpec, *, batch_size: int, device, rank: int = 0, world_size: int = 1,
           seed: int = 0, epoch: int = 0, num_workers: int | None = None, drop_last: bool = True,
-          decoder: DecoderOptions | None = None):
+          decoder: DecoderOptions | None = None, pipelines: int | None = None):
     """`source`: a path (indexed), or a `ShardStream` that `pipelines.build_loader` opened (streamed; its batch
-    size, sharding and seed are the stream's)."""
+    size, sharding and seed are the stream's). `pipelines`: CPU graphs run side by side (`_DaliPasses`)."""
     if isinstance(source, ShardStream):
-        return DaliStreamLoader(source, spec, device, num_workers, decoder)
+        return DaliStreamLoader(source, spec, device, num_workers, decoder, pipelines=pipelines)
     return DaliLoader(source, spec, batch_size, device, rank, world_size, seed, epoch, num_workers, drop_last,
-                      decoder)
+                      decoder, pipelines=pipelines)
