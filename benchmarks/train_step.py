@@ -53,7 +53,7 @@ def measure(base: TrainConfig, backend: str, arch: str, data: str, steps: int, r
             "images_per_s": statistics.median(windows["perf/images_per_s"]),
             "data_wait_frac": statistics.median(windows["perf/data_wait_frac"]),
             "step_ms": statistics.median(windows["perf/step_ms"]),
-            "windows": len(windows["perf/images_per_s"])}
+            "windows": [round(v, 1) for v in windows["perf/images_per_s"]]}
 
 
 VARIANTS = {  # name -> (torch.compile, bf16 autocast, channels_last)
