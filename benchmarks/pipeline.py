@@ -9,8 +9,10 @@ batch per loader. Every run starts on idle cores and leaves the loader's look-ah
 alive between runs, and each keeps preparing batches after its run ends (DataLoader workers x
 prefetch_factor, DALI pipelines x their queue), on the cores of the next backend's run. Until 2026-12-01
 that look-ahead was timed (torchvision's 4-6 CPU s ran inside each 20 s DALI run, and each run started with
-its own prepared batches): DALI's ratio read ~1.4x lower than it is (BENCHMARKS.md). Reported: median images/s, its ratio to torchvision measured in the same process, peak
-RSS (this process + its worker processes) while that backend ran (all loaders stay alive for the
+its own prepared batches): DALI's ratio read ~1.4x lower than it is (BENCHMARKS.md).
+
+Reported: median images/s, its ratio to torchvision measured in the same process, peak RSS (this process +
+its worker processes) while that backend ran (all loaders stay alive for the
 interleaving, so it is a process-wide peak, not one backend's footprint), a decode-only ceiling (the same
 source decoded with the backend's decoder and threads, no augmentation) and, for DALI, the ceiling of its
 one-thread Python feed. One JSON line per backend on

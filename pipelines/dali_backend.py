@@ -45,8 +45,8 @@ is now about a third of it, blur a fifth):
   stacked in uint8 and normalised once ([B, V, 3, H, W] float leaves DALI in one piece, zero-copy via
   DLPack: the dynamic executor never reuses an output buffer that torch still references).
 - on the CPU, one-thread copies of the graph side by side, taking the steps in turn (`_DaliPasses`): one
-  pipeline runs an operator at a time and each waits for its slowest sample, which kept 2 threads ~72 %
-  busy; side by side they stay ~97 % busy (+21 % images/s on 2 cores).
+  pipeline runs an operator at a time and each waits for its slowest sample, which kept 1.7 of 2 cores
+  busy; side by side they keep ~1.95 busy (+21 % images/s on 2 cores).
 Measured on imagenette160, seed recipe, 2 loaded cores: ~4.5 ms of CPU per source image, 4-8 % less than
 the graph before the float `hsv` and uint8 stacking (interleaved A/B, minimum of 6-8 runs; callgrind: 3 %
 fewer instructions, the rest is memory traffic); the torchvision reference ~28. What remains is DALI's
@@ -184,7 +184,7 @@ class Feed:
     `steps` is a sample provider (an iterator of `Step`); the thread draws each step's view parameters
     (`sample_views` at `epoch`) and packs them (`graph_args`). Step i goes to pipeline i % `outputs` (the loader
     runs its pipelines in turn, so batches come back in step order). The DALI external_source callback of
-    pipeline k (`source(k)`, on whichever thread runs that pipeline) only takes k's next prepared step, and
+    pipeline k (`take`, via `source(k)`, on whichever thread runs that pipeline) only takes k's next prepared step, and
     records its position in `positions[k]` (FIFO: a pipeline returns batches in the order it was fed). An
     error in the thread is raised by the callbacks; `close()` stops the thread (a pass left mid-way)."""
 
@@ -222,9 +222,9 @@ class Feed:
 
     def source(self, k: int = 0):
         """The external_source callback of pipeline k (DALI wants a callable of one positional argument)."""
-        return lambda info=None: self._next(k, info)
+        return lambda info=None: self.take(k, info)
 
-    def _next(self, k: int, info=None):
+    def take(self, k: int, info=None):
         q = self._queues[k]
         while True:
             try:
@@ -326,11 +326,9 @@ class _DaliPasses:
     reset per pass, fed by one `Feed` over a sample provider.
 
     On the GPU one pipeline does the work (the device runs the ops). On the CPU, `pipelines` copies of the
-    graph with one thread each take the steps in turn: one pipeline with N threads runs an operator at a
-    time and waits for its slowest sample before the next, which left ~15 % of 2 cores idle (1.7 of 2 busy);
-    two one-thread pipelines keep both busy (+19 % images/s on 2 cores, BENCHMARKS.md), at ~400 MB each for
-    batch 64. Batches still come back in step order, so every step stays a pure function of (seed, epoch,
-    step) whatever the count."""
+    graph with one thread each take the steps in turn (why: the module docstring's cost choices), ~400 MB
+    each at batch 64. Batches still come back in step order, so every step stays a pure function of (seed,
+    epoch, step) whatever the count."""
 
     def _init_dali(self, num_workers: int | None, decoder: DecoderOptions | None, feed_depth: int,
                    pipelines: int | None) -> None:
@@ -349,7 +347,7 @@ class _DaliPasses:
     def _build(self, k: int):
         gpu_id = self.device.index if self.gpu else None
         # The pipeline keeps this callback for its life; it reads whichever feed the current pass has.
-        pipe = define_pipeline(self.spec, lambda info: self._feed._next(k, info), self.batch_size,
+        pipe = define_pipeline(self.spec, lambda info: self._feed.take(k, info), self.batch_size,
                                self.num_threads, gpu_id, self.gpu, self.seed, self.decoder)
         with warnings.catch_warnings():  # a recipe with some ops off leaves an argument array unread (a few bytes)
             warnings.filterwarnings("ignore", message="The external source node .* not used")

@@ -412,8 +412,7 @@ def test_dali_cpu_pipelines_side_by_side_give_the_same_batches_in_the_same_order
     with a different count continues the same epoch. The pass ends cleanly, so the next one reuses them."""
 
     def epoch(ld):
-        out = [(b.global_views.clone(), b.local_views.clone(), b.labels.clone(), ld.position) for b in ld]
-        return out
+        return [(b.global_views.clone(), b.local_views.clone(), b.labels.clone(), ld.position) for b in ld]
 
     one = loader(small_folder, SMALL, "dali", batch_size=16, seed=3, num_workers=1)
     four = loader(small_folder, SMALL, "dali", batch_size=16, seed=3, num_workers=4, pipelines=4)
